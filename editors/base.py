@@ -1,0 +1,112 @@
+"""The editor interface, the registry, and hyperparameter lookup.
+
+An editor is one module in `editors/` that defines a subclass of `Editor`
+decorated with `@register("name")`, plus YAML hyperparameters in
+`editors/hparams/<name>/<model-or-family>.yaml`. Nothing else has to change:
+the registry imports every module of this package on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import yaml
+
+if TYPE_CHECKING:
+    from bench.data import EditCase
+    from bench.models import ModelBundle
+
+HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
+
+
+class EditorError(ValueError):
+    pass
+
+
+@dataclass
+class EditOutcome:
+    """What an editor reports about one application."""
+
+    layers: list[int]  # the layers whose MLP it rewrote
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Editor:
+    """Changes the HF model's weights in place so that the cases' prompts yield target_new."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
+        self.bundle = bundle
+        self.hparams = hparams
+
+    def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
+        """Names (as in model.named_parameters) of every tensor `apply` may modify, for backup and restore."""
+        raise NotImplementedError
+
+    def apply(self, cases: list[EditCase]) -> EditOutcome:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Editor]] = {}
+
+
+def register(name: str):
+    def wrap(cls: type[Editor]) -> type[Editor]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _discover() -> None:
+    package = importlib.import_module("editors")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in ("base",) and not info.name.startswith("_"):
+            importlib.import_module(f"editors.{info.name}")
+
+
+def registry() -> dict[str, type[Editor]]:
+    if not _REGISTRY:
+        _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_editor(name: str) -> type[Editor]:
+    editors = registry()
+    if name not in editors:
+        raise EditorError(f"unknown editor '{name}'; valid: {', '.join(editors)}")
+    return editors[name]
+
+
+def hparams_candidates(editor: str, model_name: str, family: str) -> list[Path]:
+    """Lookup order: exact model name (last path part, lower case), then the architecture family."""
+    stem = model_name.rstrip("/").split("/")[-1].lower()
+    folder = HPARAMS_DIR / editor
+    return [folder / f"{stem}.yaml", folder / f"{family}.yaml"]
+
+
+def load_hparams(editor: str, model_name: str, family: str, override: str | None = None) -> tuple[dict[str, Any], str]:
+    """Returns (hparams, the file they came from)."""
+    if override:
+        path = Path(override)
+        if not path.exists():
+            raise EditorError(f"hparams file '{override}' does not exist")
+    else:
+        found = [p for p in hparams_candidates(editor, model_name, family) if p.exists()]
+        if not found:
+            tried = ", ".join(str(p.relative_to(HPARAMS_DIR.parent.parent)) for p in hparams_candidates(editor, model_name, family))
+            raise EditorError(f"no hyperparameters for editor '{editor}' on '{model_name}'; tried {tried}")
+        path = found[0]
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise EditorError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise EditorError(f"{path}: expected a mapping of hyperparameters")
+    return data, str(path)
