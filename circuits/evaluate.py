@@ -1,0 +1,99 @@
+"""Evaluating a circuit by patching: edges outside it carry corrupted activations.
+
+Each receiver reads  x + sum_{u outside circuit} (corrupted_u - current_u),  where x
+is its actual input in the patched run and current_u is sender u's output in that
+same run. With every edge kept this is the clean run; with none, the corrupted run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from bench.arch import ArchSpec
+from circuits.activations import PairBatch, SenderCapture, answer_logprob, embed_hooks, head_outputs, run_capture
+from circuits.graph import Graph
+
+
+class EdgePatcher(SenderCapture):
+    """A SenderCapture that also rewrites every receiver's input."""
+
+    def __init__(self, graph: Graph, arch: ArchSpec, model: torch.nn.Module, corrupt: torch.Tensor,
+                 patched_edges: torch.Tensor):
+        super().__init__(graph, arch, model)
+        self.corrupt = corrupt
+        self.weights = patched_edges.to(corrupt.dtype)  # [n_upstream, n_receivers], 1 = corrupted
+        self.outputs = torch.zeros_like(corrupt)
+        self.resid: dict[int, torch.Tensor] = {}
+        self.embeds: dict[str, torch.Tensor] = {}
+
+    def _patch(self, receivers: slice | list[int]) -> torch.Tensor:
+        """sum_u w[u, r] (corrupted_u - current_u) for each receiver r: [R, B, P, D]."""
+        return torch.einsum("ur,ubpd->rbpd", self.weights[:, receivers], self.corrupt - self.outputs)
+
+    def _embed(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
+        self.embeds[hook.name] = act
+        self.outputs[0] = sum(self.embeds.values())
+        return act
+
+    def _keep_resid(self, layer: int) -> Callable:
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            self.resid[layer] = act
+            return act
+
+        return fn
+
+    def _qkv(self, layer: int, port: str) -> Callable:
+        w = dict(zip("qkv", self.arch.qkv_weights(self.model, layer)))[port]
+        g = self.graph
+        first = {"q": g.q_index(layer, 0), "k": g.k_index(layer, 0), "v": g.v_index(layer, 0)}[port]
+        norm = self.arch.ln_attn(self.model, layer)
+
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            resid = self.resid[layer]
+            delta = self._patch(slice(first, first + w.shape[0]))  # [H, B, P, D]
+            shift = norm(resid.unsqueeze(0) + delta) - norm(resid).unsqueeze(0)
+            return act + torch.einsum("hbpd,hde->bphe", shift, w)
+
+        return fn
+
+    def _add_patch(self, receiver: int) -> Callable:
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            return act + self._patch([receiver])[0]
+
+        return fn
+
+    def hooks(self, bridge: Any) -> list[tuple[str, Callable]]:
+        hooks: list[tuple[str, Callable]] = [(name, self._embed) for name in embed_hooks(bridge)]
+        for layer in range(self.arch.n_layers):
+            hooks.append((f"blocks.{layer}.ln1.hook_in", self._keep_resid(layer)))
+            hooks += [(f"blocks.{layer}.attn.hook_{p}", self._qkv(layer, p)) for p in "qkv"]
+            hooks.append((f"blocks.{layer}.attn.hook_z", self._heads(layer)))
+            hooks.append((f"blocks.{layer}.ln2.hook_in", self._add_patch(self.graph.mlp_in_index(layer))))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", self._mlp(layer)))
+        hooks.append(("ln_final.hook_in", self._add_patch(self.graph.logits_index)))
+        return hooks
+
+
+@torch.no_grad()
+def patched_logits(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+                   keep: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    """Logits of the clean prompts with every edge outside `keep` fed its corrupted sender output."""
+    patched = graph.edge_mask.to(keep.device) & ~keep
+    patcher = EdgePatcher(graph, arch, model, corrupt, patched.to(corrupt.device))
+    return bridge.run_with_hooks(batch.clean_ids, fwd_hooks=patcher.hooks(bridge), attention_mask=batch.attention_mask)
+
+
+@torch.no_grad()
+def circuit_metrics(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+                    keep: torch.Tensor) -> dict[str, float]:
+    """Clean, corrupted and circuit metric (mean over rows) and normalised faithfulness."""
+    clean_logits, _ = run_capture(bridge, graph, arch, model, batch.clean_ids, batch.attention_mask)
+    corrupt_logits, corrupt = run_capture(bridge, graph, arch, model, batch.corrupt_ids, batch.attention_mask)
+    circuit_logits = patched_logits(bridge, model, arch, graph, batch, keep, corrupt)
+    values = torch.stack([answer_logprob(x, batch).mean() for x in (clean_logits, corrupt_logits, circuit_logits)])
+    clean, corrupted, circuit = values.tolist()
+    denom = clean - corrupted
+    faith = (circuit - corrupted) / denom if abs(denom) > 1e-9 else float("nan")
+    return {"metric_clean": clean, "metric_corrupted": corrupted, "metric_circuit": circuit, "faithfulness": faith}

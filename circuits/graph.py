@@ -1,0 +1,115 @@
+"""The edge-level computation graph of a transformer, after EAP-IG and the Knowledge Circuits code.
+
+Upstream nodes (senders) are the input embedding, every attention head (one per
+query head) and every MLP. Receivers are each head's q, k and v inputs, each
+MLP's input and the logits. An edge joins a sender to every receiver that reads
+the residual stream after it.
+
+Grouped-query attention (Llama, SmolLM2, TinyLlama): a key/value head is shared
+by `n_heads / n_kv_heads` query heads, so its k and v inputs are one receiver per
+key/value group, named `a{l}.kv{g}<k>`; with ordinary multi-head attention the
+group is the head and the name is `a{l}.h{h}<k>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class Graph:
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+
+    # --- senders ---------------------------------------------------------------
+    @property
+    def n_upstream(self) -> int:
+        return 1 + self.n_layers * (self.n_heads + 1)
+
+    def head_index(self, layer: int, head: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + head
+
+    def mlp_index(self, layer: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
+
+    @cached_property
+    def upstream_names(self) -> list[str]:
+        names = ["input"]
+        for layer in range(self.n_layers):
+            names += [f"a{layer}.h{h}" for h in range(self.n_heads)] + [f"m{layer}"]
+        return names
+
+    # --- receivers -----------------------------------------------------------------
+    @property
+    def receivers_per_layer(self) -> int:
+        return self.n_heads + 2 * self.n_kv_heads + 1
+
+    @property
+    def n_receivers(self) -> int:
+        return self.n_layers * self.receivers_per_layer + 1
+
+    def q_index(self, layer: int, head: int) -> int:
+        return layer * self.receivers_per_layer + head
+
+    def k_index(self, layer: int, group: int) -> int:
+        return layer * self.receivers_per_layer + self.n_heads + group
+
+    def v_index(self, layer: int, group: int) -> int:
+        return layer * self.receivers_per_layer + self.n_heads + self.n_kv_heads + group
+
+    def mlp_in_index(self, layer: int) -> int:
+        return layer * self.receivers_per_layer + self.receivers_per_layer - 1
+
+    @property
+    def logits_index(self) -> int:
+        return self.n_receivers - 1
+
+    def kv_node(self, layer: int, group: int) -> str:
+        return f"a{layer}.h{group}" if self.n_kv_heads == self.n_heads else f"a{layer}.kv{group}"
+
+    @cached_property
+    def receiver_names(self) -> list[str]:
+        names: list[str] = []
+        for layer in range(self.n_layers):
+            names += [f"a{layer}.h{h}<q>" for h in range(self.n_heads)]
+            names += [f"{self.kv_node(layer, g)}<k>" for g in range(self.n_kv_heads)]
+            names += [f"{self.kv_node(layer, g)}<v>" for g in range(self.n_kv_heads)]
+            names.append(f"m{layer}")
+        return names + ["logits"]
+
+    @cached_property
+    def receiver_nodes(self) -> list[str]:
+        """The node each receiver belongs to (strips the <q>/<k>/<v> port)."""
+        return [name.split("<")[0] for name in self.receiver_names]
+
+    # --- edges ---------------------------------------------------------------------
+    @cached_property
+    def edge_mask(self) -> torch.Tensor:
+        """[n_upstream, n_receivers] bool: True where the sender precedes the receiver."""
+        sender_layer = torch.full((self.n_upstream,), -1)
+        sender_is_mlp = torch.zeros(self.n_upstream, dtype=torch.bool)
+        for layer in range(self.n_layers):
+            sender_layer[self.head_index(layer, 0): self.mlp_index(layer) + 1] = layer
+            sender_is_mlp[self.mlp_index(layer)] = True
+        recv_layer = torch.arange(self.n_receivers) // self.receivers_per_layer
+        recv_is_mlp = torch.zeros(self.n_receivers, dtype=torch.bool)
+        recv_is_mlp[[self.mlp_in_index(layer) for layer in range(self.n_layers)]] = True
+        recv_layer[self.logits_index] = self.n_layers
+        earlier = sender_layer[:, None] < recv_layer[None, :]
+        same_layer_head_to_mlp = (sender_layer[:, None] == recv_layer[None, :]) & ~sender_is_mlp[:, None] & recv_is_mlp[None, :]
+        return earlier | same_layer_head_to_mlp
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edge_mask.sum())
+
+    def edge_name(self, upstream: int, receiver: int) -> str:
+        return f"{self.upstream_names[upstream]}->{self.receiver_names[receiver]}"
+
+    def parse_edge(self, name: str) -> tuple[int, int]:
+        up, recv = name.split("->")
+        return self.upstream_names.index(up), self.receiver_names.index(recv)
