@@ -63,10 +63,16 @@ class ArchSpec:
         """W_Q [n_heads, d_model, d_head], W_K and W_V [n_kv_heads, d_model, d_head], acting as x @ W."""
         attn = self.blocks(model)[layer].attn if self.family == "gpt2" else self.blocks(model)[layer].self_attn
         d, dh = self.d_model, self.d_head
-        if self.family == "gpt2":
+        if self.family == "gpt2" and not hasattr(attn, "q"):
             w = attn.c_attn.weight  # [d_model, 3 * d_model]
             q, k, v = w.split(d, dim=1)
             return tuple(m.reshape(d, -1, dh).permute(1, 0, 2) for m in (q, k, v))  # type: ignore[return-value]
+        if self.family == "gpt2":
+            # TransformerLens's bridge splits GPT-2's fused c_attn into q, k, v Linear copies and runs
+            # those: read the weights the forward pass actually uses
+            return tuple(
+                lin.weight.reshape(-1, dh, d).permute(0, 2, 1) for lin in (attn.q, attn.k, attn.v)
+            )  # type: ignore[return-value]
         return tuple(
             lin.weight.reshape(-1, dh, d).permute(0, 2, 1) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)
         )  # type: ignore[return-value]
@@ -82,6 +88,14 @@ class ArchSpec:
     @property
     def heads_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+
+def parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter by its Hugging Face dotted name, also once the bridge has wrapped the modules."""
+    obj = model
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def arch_of(model: nn.Module) -> ArchSpec:

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from bench.corrupt import circuit_batch
+from bench.arch import parameter
 from bench.data import EditCase, LoadedDataset, load_dataset, validate_case
 from bench.models import ModelBundle, load_model
 from bench.results import RunWriter
@@ -54,22 +55,19 @@ def sync(device: torch.device) -> None:
 # --- weight backup and bitwise restore ------------------------------------------
 
 def backup(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    params = dict(model.named_parameters())
-    return {name: params[name].detach().clone() for name in names}
+    return {name: parameter(model, name).detach().clone() for name in names}
 
 
 @torch.no_grad()
 def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
     for name, value in saved.items():
-        params[name].copy_(value)
-    if not all(torch.equal(params[name], value) for name, value in saved.items()):
+        parameter(model, name).copy_(value)
+    if not all(torch.equal(parameter(model, name), value) for name, value in saved.items()):
         raise RestoreError("weights differ from the backup after restore")
 
 
 def all_finite(model: torch.nn.Module, names: list[str]) -> bool:
-    params = dict(model.named_parameters())
-    return bool(torch.stack([torch.isfinite(params[n]).all() for n in names]).all())
+    return bool(torch.stack([torch.isfinite(parameter(model, n)).all() for n in names]).all())
 
 
 # --- case selection ---------------------------------------------------------------

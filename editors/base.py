@@ -53,6 +53,7 @@ class Editor:
 
 
 _REGISTRY: dict[str, type[Editor]] = {}
+_DISCOVERED = False
 
 
 def register(name: str):
@@ -72,7 +73,9 @@ def _discover() -> None:
 
 
 def registry() -> dict[str, type[Editor]]:
-    if not _REGISTRY:
+    global _DISCOVERED
+    if not _DISCOVERED:
+        _DISCOVERED = True
         _discover()
     return dict(sorted(_REGISTRY.items()))
 
