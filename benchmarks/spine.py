@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-stats", action="store_true", help="reuse cached statistics instead of timing a rebuild")
+    parser.add_argument("--all-cases", action="store_true", help="do not filter to known facts (random-init models)")
+    parser.add_argument("--stats-samples", type=int, default=None, help="override mom2_n_samples")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -56,6 +58,8 @@ def main() -> None:
     dev = bundle.device
     hparams, _ = load_hparams("rome", args.model, bundle.arch.family)
     layer = hparams["layers"][0]
+    if args.stats_samples:
+        hparams["mom2_n_samples"] = args.stats_samples
     stats_args = dict(corpus=hparams.get("mom2_dataset", "wikipedia"), n_samples=hparams["mom2_n_samples"],
                       max_len=hparams.get("mom2_max_len", 128))
     results: dict = {"model": args.model, "device": str(dev), "torch": torch.__version__,
@@ -72,7 +76,7 @@ def main() -> None:
         results["stats_meta"] = json.loads(cached.with_suffix(".json").read_text())
 
     data = load_dataset("facts")
-    cases, _ = select_cases(bundle, data, args.n, only_known=True)
+    cases, _ = select_cases(bundle, data, args.n, only_known=not args.all_cases)
     editor = get_editor("rome")(bundle, hparams)
     edit_times = []
     for i, case in enumerate(cases):
