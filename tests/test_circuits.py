@@ -124,7 +124,7 @@ def test_eap_correlates_with_exact_edge_patching(tiny_model):
     scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, g, batch)
     edges, exact = _exact_edge_effects(bundle, g, batch)
     approx = scores[edges[:, 0], edges[:, 1]]
-    rho = spearmanr(approx.numpy(), exact.numpy()).statistic
+    rho = spearmanr(approx.cpu().numpy(), exact.cpu().numpy()).statistic
     assert rho > 0.8, f"Spearman rho between EAP and exact patching is {rho:.3f}"
 
 
