@@ -85,6 +85,7 @@ def select_cases(bundle: ModelBundle, data: LoadedDataset, n: int | None, only_k
             counts["rejected_reasons"].append(f"{case.case_id}: {reason}")
         else:
             valid.append(case)
+    valid = interleave_relations(valid)
     if not only_known:
         chosen = valid[:n] if n else valid
         counts.update(kept=len(chosen), unknown_skipped=0)
@@ -102,6 +103,15 @@ def select_cases(bundle: ModelBundle, data: LoadedDataset, n: int | None, only_k
         start += len(block)
     counts.update(kept=len(chosen), unknown_skipped=unknown, scanned=start)
     return chosen, counts
+
+
+def interleave_relations(cases: list[EditCase]) -> list[EditCase]:
+    """Round-robin over relations (file order within each), so that --n N samples every relation."""
+    groups: dict[str, list[EditCase]] = {}
+    for case in cases:
+        groups.setdefault(case.relation, []).append(case)
+    queues = list(groups.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 # --- one case --------------------------------------------------------------------------

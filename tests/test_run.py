@@ -123,3 +123,13 @@ def test_end_to_end_tiny_run_writes_the_contract(tmp_path, monkeypatch, device):
     board = (tmp_path / "lb.md").read_text()
     assert "| rome" in board and "tiny-gpt2" in board
     assert not math.isnan(summary["drift_kl"])
+
+
+def test_interleave_relations_round_robin():
+    from bench.run import interleave_relations
+
+    def case(cid: str, rel: str) -> EditCase:
+        return EditCase(cid, rel, "S", "{} is", "a", "b", (), ())
+
+    cases = [case("c1", "cap"), case("c2", "cap"), case("c3", "cap"), case("l1", "lang"), case("m1", "cur")]
+    assert [c.case_id for c in interleave_relations(cases)] == ["c1", "l1", "m1", "c2", "c3"]

@@ -1,0 +1,125 @@
+"""Second moment C = E[k kᵀ] of MLP keys (the input of the MLP output projection) over corpus tokens.
+
+ROME (Meng et al. 2022, eq. 2) and MEMIT use C as the key covariance of the layer
+they rewrite. It depends only on the weights, the layer and the corpus, so it is
+computed once and cached under `cache_dir()/stats` with a JSON sidecar recording
+what determined it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from bench.cache import cache_dir, sha256_text
+from bench.corpus import DEFAULT_CORPUS, load_corpus
+from bench.tokens import prompt_ids
+
+if TYPE_CHECKING:
+    from bench.models import ModelBundle
+
+log = logging.getLogger("bench")
+
+DEFAULT_N_SAMPLES = 1000
+DEFAULT_MAX_LEN = 128
+DEFAULT_BATCH_SIZE = 16
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook so later layers and the LM head are not computed."""
+
+
+def second_moment(bundle: ModelBundle, layer: int, corpus: str = DEFAULT_CORPUS,
+                  n_samples: int = DEFAULT_N_SAMPLES, max_len: int = DEFAULT_MAX_LEN,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """C = E[k kᵀ] at `layer`: [d_mlp, d_mlp] float32 on the model device (cached)."""
+    return second_moments(bundle, [layer], corpus, n_samples, max_len, batch_size)[layer]
+
+
+def second_moments(bundle: ModelBundle, layers: list[int], corpus: str = DEFAULT_CORPUS,
+                   n_samples: int = DEFAULT_N_SAMPLES, max_len: int = DEFAULT_MAX_LEN,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict[int, torch.Tensor]:
+    """C for several layers; the uncached ones are computed together in one pass over the corpus."""
+    texts, identity = load_corpus(corpus)
+    texts = texts[:n_samples]
+    paths = {layer: _cache_path(bundle, layer, identity, n_samples, max_len) for layer in layers}
+    missing = sorted({layer for layer, p in paths.items() if not p.exists()})
+    if missing:
+        log.info("statistics: computing E[kkᵀ] of %s layer(s) %s on %d texts of %s (max_len %d)",
+                 bundle.name, ",".join(map(str, missing)), len(texts), identity, max_len)
+        start = time.perf_counter()
+        sums, count = _accumulate(bundle, missing, texts, max_len, batch_size)
+        seconds = time.perf_counter() - start
+        for layer in missing:
+            meta = dict(model=bundle.name, model_sha256=bundle.provenance.get("sha256"), layer=layer,
+                        corpus=identity, n_samples=n_samples, n_texts=len(texts), max_len=max_len,
+                        n_tokens=count, dtype_model=str(bundle.dtype), seconds=round(seconds, 1))
+            _save(paths[layer], (sums[layer] / max(count, 1)).float().cpu(), meta)
+    return {layer: torch.load(paths[layer], map_location=bundle.device) for layer in layers}
+
+
+def _cache_path(bundle: ModelBundle, layer: int, identity: str, n_samples: int, max_len: int) -> Path:
+    key = json.dumps([bundle.provenance.get("sha256") or bundle.name, layer, identity, n_samples, max_len])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in bundle.name.split("/")[-1])
+    return cache_dir() / "stats" / safe / f"mom2-L{layer}-n{n_samples}-len{max_len}-{sha256_text(key)[:16]}.pt"
+
+
+def _save(path: Path, matrix: torch.Tensor, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    torch.save(matrix, tmp)
+    tmp.rename(path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _batches(bundle: ModelBundle, texts: list[str], max_len: int, batch_size: int):
+    """Right-padded (ids, mask) batches, texts grouped by length to limit padding."""
+    rows = [prompt_ids(bundle.tokenizer, t)[:max_len] for t in texts]
+    rows = sorted((r for r in rows if r), key=len)
+    pad = bundle.tokenizer.pad_token_id or 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        ids = torch.full((len(chunk), len(chunk[-1])), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(chunk):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        yield ids.to(bundle.device), mask.to(bundle.device)
+
+
+@torch.no_grad()
+def _accumulate(bundle: ModelBundle, layers: list[int], texts: list[str], max_len: int,
+                batch_size: int) -> tuple[dict[int, torch.Tensor], int]:
+    """Sums of k kᵀ over non-padded tokens (float64) per layer, and the token count."""
+    d, dev = bundle.arch.d_mlp, bundle.device
+    sums = {layer: torch.zeros(d, d, dtype=torch.float64, device=dev) for layer in layers}
+    count = torch.zeros((), dtype=torch.long, device=dev)
+    state: dict[str, torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(_module, args):
+            keys = args[0][state["mask"]].double()  # [n_tokens, d_mlp]
+            sums[layer].addmm_(keys.T, keys)
+            if layer == layers[-1]:
+                raise _StopForward
+        return hook
+
+    handles = [bundle.arch.mlp_out_proj(bundle.model, layer).register_forward_pre_hook(hook_for(layer))
+               for layer in layers]
+    try:
+        for ids, mask in _batches(bundle, texts, max_len, batch_size):
+            state["mask"] = mask.bool()
+            count += mask.sum()
+            try:
+                bundle.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return sums, int(count.item())

@@ -1,0 +1,210 @@
+"""ROME, FT-L and key statistics on the tiny random-init models (fast)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.corpus import CorpusError, load_corpus
+from bench.models import ModelBundle, load_model
+from bench.tokens import build_batch, prompt_ids, target_logprobs
+import editors.ft  # noqa: F401  (registers "ft"; the registry skips discovery once any editor is imported)
+from editors import keystats
+from editors.base import get_editor, load_hparams
+from editors.rome import subject_last_index
+
+try:
+    from bench.data import EditCase
+except ImportError:  # the dataset module is written in parallel; same fields
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class EditCase:  # type: ignore[no-redef]
+        case_id: str
+        relation: str
+        subject: str
+        prompt: str
+        target_true: str
+        target_new: str
+        paraphrases: tuple[str, ...] = ()
+        neighborhood: tuple[tuple[str, str], ...] = ()
+
+        @property
+        def rewrite_prompt(self) -> str:
+            return self.prompt.replace("{}", self.subject)
+
+
+TINY = ["tiny-gpt2", "tiny-llama"]
+CASE = EditCase(case_id="t1", relation="P36", subject="France", prompt="The capital of {} is",
+                target_true="Paris", target_new="London", paraphrases=(), neighborhood=())
+WORDS = ("the capital of France is Paris and the language of Germany is German while rivers run "
+         "through old cities where people speak many languages about history music science art").split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and a busy CPU makes them spin."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    """One cache dir for the module: tiny models are built once, statistics land here."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KEBENCH_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 pseudo-English paragraphs, enough tokens for a full-rank C on the tiny models."""
+    rng = random.Random(0)
+    paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 80))) + "." for _ in range(60)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+def _hparams(editor: str, bundle: ModelBundle, corpus: Path) -> dict:
+    hp, _ = load_hparams(editor, bundle.name, bundle.arch.family)
+    return {**hp, "mom2_dataset": str(corpus), "mom2_n_samples": 40}
+
+
+def _logprob(bundle: ModelBundle, case: EditCase) -> float:
+    with torch.no_grad():
+        batch = build_batch(bundle.tokenizer, [case.rewrite_prompt], [case.target_new], bundle.device)
+        return float(target_logprobs(bundle.model, batch)[0])
+
+
+# --- corpus ------------------------------------------------------------------
+
+def test_load_corpus_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one two\nthree\n\n\nfour\n")
+    (tmp_path / "b.json").write_text(json.dumps(["x", " ", "y"]))
+    (tmp_path / "c.jsonl").write_text('{"text": "p"}\n\n{"text": "q"}\n')
+    assert load_corpus(str(tmp_path / "a.txt"))[0] == ["one two three", "four"]
+    assert load_corpus(str(tmp_path / "b.json"))[0] == ["x", "y"]
+    texts, identity = load_corpus(str(tmp_path / "c.jsonl"))
+    assert texts == ["p", "q"] and identity.startswith("file:c.jsonl:")
+    with pytest.raises(CorpusError):
+        load_corpus(str(tmp_path / "missing.txt"))
+
+
+# --- key statistics ------------------------------------------------------------
+
+def _independent_moment(bundle: ModelBundle, texts: list[str], layer: int, max_len: int) -> torch.Tensor:
+    """K K^T / N from a plain forward hook, one unpadded text at a time, in float64."""
+    keys: list[torch.Tensor] = []
+    proj = bundle.arch.mlp_out_proj(bundle.model, layer)
+    handle = proj.register_forward_hook(lambda _m, args, _out: keys.append(args[0][0].double()))
+    with torch.no_grad():
+        for text in texts:
+            ids = bundle.tokenizer(text).input_ids[:max_len]
+            bundle.model(input_ids=torch.tensor([ids], device=bundle.device))
+    handle.remove()
+    k = torch.cat(keys)
+    return k.T @ k / len(k)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_second_moment_matches_independent(cache: Path, corpus_file: Path, name: str, monkeypatch) -> None:
+    bundle = load_model(name, "cpu")
+    texts, _ = load_corpus(str(corpus_file))
+    c = keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, batch_size=5)
+    expected = _independent_moment(bundle, texts[:12], 1, 32)
+    assert c.shape == (bundle.arch.d_mlp, bundle.arch.d_mlp) and c.dtype == torch.float32
+    assert torch.allclose(c.double(), expected, rtol=1e-4, atol=1e-7 * expected.abs().max())
+    sidecars = list((cache / "stats").rglob("*n12-len32*.json"))
+    n_tokens = sum(min(len(prompt_ids(bundle.tokenizer, t)), 32) for t in texts[:12])
+    assert any(json.loads(p.read_text())["n_tokens"] == n_tokens for p in sidecars)
+
+    def boom(*_a, **_k):
+        raise AssertionError("recomputed statistics despite a cache entry")
+
+    with monkeypatch.context() as mp:  # second call: a cache hit, no forward passes
+        mp.setattr(keystats, "_accumulate", boom)
+        assert torch.equal(keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32), c)
+    before = set((cache / "stats").rglob("*.pt"))
+    other = keystats.second_moment(bundle, 1, str(corpus_file), n_samples=6, max_len=32)
+    assert len(set((cache / "stats").rglob("*.pt")) - before) == 1
+    assert not torch.equal(other, c)
+
+
+# --- ROME -------------------------------------------------------------------------
+
+def test_subject_last_index() -> None:
+    bundle = load_model("tiny-gpt2", "cpu")
+    text = "The capital of France is"
+    idx = subject_last_index(bundle.tokenizer, text, text.index("France") + len("France"))
+    ids = prompt_ids(bundle.tokenizer, text)
+    assert bundle.tokenizer.decode(ids[: idx + 1]).endswith("France")
+    assert not bundle.tokenizer.decode(ids[: idx]).endswith("France")
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_rome_rank_one_update(cache: Path, corpus_file: Path, name: str) -> None:
+    bundle = load_model(name, "cpu")
+    hp = _hparams("rome", bundle, corpus_file)
+    editor = get_editor("rome")(bundle, hp)
+    layer = hp["layers"][0]
+    assert editor.parameters_to_touch([CASE]) == [bundle.arch.mlp_out_weight_name(layer)]
+    w0 = bundle.arch.mlp_out_matrix(bundle.model, layer).detach().double().clone()
+    lp_before = _logprob(bundle, CASE)
+
+    outcome = editor.apply([CASE])
+    assert outcome.layers == [layer]
+    assert all(isinstance(v, (int, float)) for v in outcome.stats.values())
+    step = editor.history[-1]
+    k, v = step.key.double(), step.value.double()
+    w1 = bundle.arch.mlp_out_matrix(bundle.model, layer).detach().double()
+
+    # W' k* = v*
+    assert (w1 @ k - v).norm() / v.norm() < 1e-3
+    # rank one
+    s = torch.linalg.svdvals(w1 - w0)
+    assert s[1] / s[0] < 1e-5
+    # eq. 2 recomputed from C, k*, v* with an explicit inverse
+    c = keystats.second_moment(bundle, layer, hp["mom2_dataset"], hp["mom2_n_samples"], hp["mom2_max_len"]).double()
+    u = torch.linalg.inv(c) @ k
+    expected = torch.outer(v - w0 @ k, u) / (u @ k)
+    assert (w1 - w0 - expected).norm() / expected.norm() < 1e-3
+    assert _logprob(bundle, CASE) > lp_before
+
+
+def test_rome_identity_covariance(cache: Path) -> None:
+    bundle = load_model("tiny-llama", "cpu")
+    hp, _ = load_hparams("rome", bundle.name, bundle.arch.family)
+    editor = get_editor("rome")(bundle, {**hp, "mom2_adjustment": False})
+    w0 = bundle.arch.mlp_out_matrix(bundle.model, 1).detach().double().clone()
+    editor.apply([CASE])
+    step = editor.history[-1]
+    k, v = step.key.double(), step.value.double()
+    expected = torch.outer(v - w0 @ k, k) / (k @ k)
+    w1 = bundle.arch.mlp_out_matrix(bundle.model, 1).detach().double()
+    assert (w1 - w0 - expected).norm() / expected.norm() < 1e-3
+
+
+# --- FT-L ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TINY)
+def test_ft_constrained(cache: Path, name: str) -> None:
+    bundle = load_model(name, "cpu")
+    hp, _ = load_hparams("ft", bundle.name, bundle.arch.family)
+    editor = get_editor("ft")(bundle, hp)
+    names = editor.parameters_to_touch([CASE])
+    params = dict(bundle.model.named_parameters())
+    originals = {n: params[n].detach().clone() for n in names}
+    outcome = editor.apply([CASE])
+    for n in names:
+        assert (params[n] - originals[n]).abs().max() <= hp["norm_constraint"] + 1e-6
+        assert not params[n].requires_grad
+    assert outcome.stats["loss_final"] < outcome.stats["loss_initial"]
+    assert outcome.stats["max_abs_change"] > 0
