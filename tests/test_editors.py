@@ -10,33 +10,12 @@ import pytest
 import torch
 
 from bench.corpus import CorpusError, load_corpus
+from bench.data import EditCase
 from bench.models import ModelBundle, load_model
 from bench.tokens import build_batch, prompt_ids, target_logprobs
-import editors.ft  # noqa: F401  (registers "ft"; the registry skips discovery once any editor is imported)
 from editors import keystats
 from editors.base import get_editor, load_hparams
 from editors.rome import subject_last_index
-
-try:
-    from bench.data import EditCase
-except ImportError:  # the dataset module is written in parallel; same fields
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class EditCase:  # type: ignore[no-redef]
-        case_id: str
-        relation: str
-        subject: str
-        prompt: str
-        target_true: str
-        target_new: str
-        paraphrases: tuple[str, ...] = ()
-        neighborhood: tuple[tuple[str, str], ...] = ()
-
-        @property
-        def rewrite_prompt(self) -> str:
-            return self.prompt.replace("{}", self.subject)
-
 
 TINY = ["tiny-gpt2", "tiny-llama"]
 CASE = EditCase(case_id="t1", relation="P36", subject="France", prompt="The capital of {} is",
