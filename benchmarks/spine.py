@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-stats", action="store_true", help="reuse cached statistics instead of timing a rebuild")
+    parser.add_argument("--skip-edits", action="store_true", help="time circuits only (no ROME edits)")
     parser.add_argument("--all-cases", action="store_true", help="do not filter to known facts (random-init models)")
     parser.add_argument("--stats-samples", type=int, default=None, help="override mom2_n_samples")
     parser.add_argument("--json", default=None)
@@ -79,13 +80,13 @@ def main() -> None:
     cases, _ = select_cases(bundle, data, args.n, only_known=not args.all_cases)
     editor = get_editor("rome")(bundle, hparams)
     edit_times = []
-    for i, case in enumerate(cases):
+    for i, case in enumerate([] if args.skip_edits else cases):
         saved = backup(bundle.model, editor.parameters_to_touch([case]))
         seconds = timed(lambda: editor.apply([case]), dev)
         restore(bundle.model, saved)
         if i > 0 or len(cases) == 1:  # the first edit also samples the context prefixes and loads C
             edit_times.append(seconds)
-    results["rome_seconds_per_edit"] = statistics.median(edit_times)
+    results["rome_seconds_per_edit"] = statistics.median(edit_times) if edit_times else None
 
     graph = Graph(bundle.arch.n_layers, bundle.arch.n_heads, bundle.arch.n_kv_heads)
     pool = sorted({c.subject for c in data.cases})
