@@ -63,7 +63,11 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
         raise ValueError(f"runs folder '{runs}' does not exist")
     text = leaderboard(runs)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        command = f"python -m bench leaderboard --runs {args.runs} --output {args.output}"
+        header = (f"# Leaderboard\n\nGenerated from the run folders in `{args.runs}` by `{command}`. "
+                  "Each row is the latest run of an (editor, model, dataset); the columns are defined in "
+                  "the README's Metrics section.\n\n")
+        Path(args.output).write_text(header + text + "\n")
         print(f"wrote {args.output}")
     else:
         print(text)
