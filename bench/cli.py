@@ -36,7 +36,24 @@ def _parser() -> argparse.ArgumentParser:
 
     lister = sub.add_parser("list", help="list editors, models or datasets")
     lister.add_argument("what", choices=["editors", "models", "datasets"])
+    for name, module in plugin_commands().items():
+        module.add_arguments(sub.add_parser(name, help=module.HELP))
     return parser
+
+
+def plugin_commands() -> dict:
+    """Commands in `bench/cmd_<name>.py` modules: each defines NAME, HELP, add_arguments(parser) and main(args)."""
+    import importlib
+    import pkgutil
+
+    import bench
+
+    found = {}
+    for info in sorted(pkgutil.iter_modules(bench.__path__), key=lambda i: i.name):
+        if info.name.startswith("cmd_"):
+            module = importlib.import_module(f"bench.{info.name}")
+            found[module.NAME] = module
+    return found
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "transformer_lens", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     commands = {"run": _cmd_run, "leaderboard": _cmd_leaderboard, "list": _cmd_list}
+    commands.update({name: module.main for name, module in plugin_commands().items()})
     try:
         return commands[args.command](args)
     except _user_errors() as exc:

@@ -157,10 +157,11 @@ def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str
         if not all_finite(model, names):
             record.update(status="failed", reason="the edit produced NaN or inf weights")
             return record
-        record["post"] = counterfact_scores(case_logprobs(model, tok, case, dev))
-        record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, case, dev))
+        edited = editor.evaluation_case(case)
+        record["post"] = counterfact_scores(case_logprobs(model, tok, edited, dev))
+        record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, edited, dev))
         if cfg.circuits:
-            post_circuit, t_post = find_circuit(bundle, case, case.target_new, pool, cfg)
+            post_circuit, t_post = find_circuit(bundle, edited, case.target_new, pool, cfg)
             record.update(circuit_fields(pre_circuit, post_circuit, outcome.layers))
             record["seconds_circuit"] = (t_pre + t_post) / 2
             _save_circuits(circuit_dir, case.case_id, pre_circuit, post_circuit)
@@ -168,6 +169,7 @@ def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str
         return record
     finally:
         restore(model, saved)
+        editor.undo()
 
 
 def _save_circuits(folder: Path, case_id: str, pre: Circuit | None, post: Circuit | None) -> None:

@@ -39,6 +39,7 @@ class Editor:
     """Changes the HF model's weights in place so that the cases' prompts yield target_new."""
 
     name: ClassVar[str] = ""
+    batched: ClassVar[bool] = False  # True: apply() takes a whole --batch-size batch in one update
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         self.bundle = bundle
@@ -50,6 +51,13 @@ class Editor:
 
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         raise NotImplementedError
+
+    def evaluation_case(self, case: EditCase) -> EditCase:
+        """The case as the edited model is scored on it; in-context editors prepend their demonstrations."""
+        return case
+
+    def undo(self) -> None:
+        """Removes state outside the backed-up parameters (hooks, codebooks); called after the weights are restored."""
 
 
 _REGISTRY: dict[str, type[Editor]] = {}
