@@ -29,10 +29,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-circuits", action="store_true", help="skip circuit discovery")
     run.add_argument("--top-n", type=int, default=None, help="edges kept in each circuit")
     run.add_argument("--all-cases", action="store_true", help="also edit facts the model does not know")
+    run.add_argument("--relation-circuits", action="store_true",
+                     help="also rediscover each case's relation circuit after the edit: overlap and Hit@10 change")
+    run.add_argument("--batch-size", type=int, default=1,
+                     help="cases edited together: one apply for batched editors, one per case otherwise (default 1)")
+    run.add_argument("--sequential", action="store_true",
+                     help="edits accumulate over the run (no restore between cases); writes sequential.jsonl")
+    run.add_argument("--eval-every", type=int, default=None,
+                     help="with --sequential: re-score all edits so far after every k edits (default 5)")
+    run.add_argument("--ppl-texts", type=int, default=8,
+                     help="held-out Wikipedia texts for the per-case ppl_pre/ppl_post (0: off; default 8)")
 
     board = sub.add_parser("leaderboard", help="render the leaderboard from run folders")
     board.add_argument("--runs", default="runs")
-    board.add_argument("--output", default=None, help="write markdown here instead of stdout")
+    board.add_argument("--output", default=None, help="write the leaderboard here instead of stdout")
+    board.add_argument("--format", choices=["md", "json", "csv"], default="md", help="output format (default md)")
+    board.add_argument("--plots", default=None, help="also write PNG charts to this folder")
 
     lister = sub.add_parser("list", help="list editors, models or datasets")
     lister.add_argument("what", choices=["editors", "models", "datasets"])
@@ -65,7 +77,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError("--n must be at least 1")
     cfg = RunConfig(editor=args.editor, model=args.model, dataset=args.dataset, n=args.n, seed=args.seed,
                     device=args.device, dtype=args.dtype, output=args.output, hparams=args.hparams,
-                    circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=not args.all_cases)
+                    circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=not args.all_cases,
+                    batch_size=args.batch_size, sequential=args.sequential, relation_circuits=args.relation_circuits,
+                    eval_every=5 if args.eval_every is None else args.eval_every, ppl_texts=args.ppl_texts)
+    if args.eval_every is not None and not args.sequential:
+        raise ValueError("--eval-every needs --sequential")
     run_dir, summary = run(cfg)
     print(f"results: {run_dir}")
     print(render([summary]))
@@ -73,22 +89,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from bench.leaderboard import leaderboard
+    from bench.leaderboard import main as leaderboard_main
 
-    runs = Path(args.runs)
-    if not runs.is_dir():
-        raise ValueError(f"runs folder '{runs}' does not exist")
-    text = leaderboard(runs)
-    if args.output:
-        command = f"python -m bench leaderboard --runs {args.runs} --output {args.output}"
-        header = (f"# Leaderboard\n\nGenerated from the run folders in `{args.runs}` by `{command}`. "
-                  "Each row is the latest run of an (editor, model, dataset); the columns are defined in "
-                  "the README's Metrics section.\n\n")
-        Path(args.output).write_text(header + text + "\n")
-        print(f"wrote {args.output}")
-    else:
-        print(text)
-    return 0
+    return leaderboard_main(args)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -104,10 +107,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for name, text in MODELS_HELP.items():
             print(f"{name:22s} {text}")
     else:
-        from bench.data import DATASETS
+        from bench.data import dataset_descriptions
+        from bench.lre import relation_names
 
-        for name in DATASETS:
-            print(name)
+        for name, text in dataset_descriptions().items():
+            print(f"{name:16s} {text}")
+        relations = relation_names()
+        print(f"{'':16s} relations: {', '.join(relations) if relations else '(none found under ../shared/data/lre)'}")
     return 0
 
 

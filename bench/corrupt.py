@@ -10,12 +10,17 @@ from circuits.activations import PairBatch
 
 
 def corrupted_prompt(tokenizer, prompt: str, subject: str, pool: list[str], rng: random.Random) -> list[int] | None:
-    """The prompt with another subject from the pool whose prompt has the same token length."""
+    """The prompt with another subject from the pool whose prompt has the same token length.
+
+    The last occurrence of the subject is swapped: with in-context demonstrations before the query
+    (ike), that is the query's subject; a prompt holding the subject once is unaffected.
+    """
     ids = prompt_ids(tokenizer, prompt)
+    head, _, tail = prompt.rpartition(subject)
     candidates = [s for s in pool if s != subject and s not in prompt]
     rng.shuffle(candidates)
     for other in candidates:
-        swapped = prompt_ids(tokenizer, prompt.replace(subject, other, 1))
+        swapped = prompt_ids(tokenizer, head + other + tail)
         if len(swapped) == len(ids):
             return swapped
     return None

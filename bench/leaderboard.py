@@ -1,55 +1,425 @@
-"""The leaderboard: the latest run per (editor, model, dataset), rendered with tabulate."""
+"""The leaderboard: the latest run per editor, one table per (model, dataset), with intervals.
+
+Every cell is a metric's mean over the run's cases with its 95% percentile-bootstrap interval, as
+`bench.results.summarize` computes it from the run's cases.jsonl (so older run folders get intervals
+too). Columns are grouped by metric family and families are never averaged together. Sequential
+(lifelong) runs are not table rows; their sequential.jsonl curves are plotted instead. Each row has a
+provenance footnote: run id, model checksum, dataset hash, harness commit, device.
+
+Formats: markdown (default), JSON (everything, nested) and CSV (one line per row and metric).
+`--plots DIR` writes PNGs with matplotlib: per family a bar chart of each metric with interval error
+bars, efficacy against circuit overlap (one point per editor), and the sequential-editing curves.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
-COLUMNS = [
-    ("editor", "Editor"), ("model", "Model"), ("dataset", "Dataset"), ("n_cases", "N"),
-    ("efficacy_score", "ES"), ("paraphrase_score", "PS"), ("neighborhood_score", "NS"), ("score", "S"),
-    ("efficacy_magnitude", "EM"), ("drift_kl", "Drift KL"), ("circuit_edge_jaccard", "Edge J"),
-    ("circuit_node_jaccard", "Node J"), ("circuit_faithfulness_pre", "Faith pre"),
-    ("circuit_faithfulness_post", "Faith post"), ("edit_layer_in_circuit", "Layer in circuit"),
-    ("seconds_per_edit", "s/edit"),
-]
+from bench.results import FAMILIES, METRICS, read_cases, summarize
+
+# metrics left out of the markdown table (still in JSON and CSV)
+HIDDEN_IN_MARKDOWN = {"paraphrase_magnitude", "neighborhood_magnitude", "seconds_per_circuit"}
+METRIC_ORDER = [m.name for m in METRICS]
+METRIC_ORDER.insert(METRIC_ORDER.index("neighborhood_score") + 1, "score")
+SEQUENTIAL_PANELS = [("efficacy", "efficacy (ES)"), ("neighborhood", "neighbourhood (NS)"), ("ppl", "perplexity")]
 
 
-def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """Summaries of finished runs, each with its manifest's end time and run id."""
-    rows = []
-    for summary_path in sorted(runs_dir.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        manifest_path = summary_path.with_name("manifest.json")
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        summary["finished"] = manifest.get("finished", "")
-        summary["run_id"] = summary_path.parent.name
-        rows.append(summary)
-    return rows
+@dataclass
+class RunRow:
+    """One run folder: its summary (recomputed from cases.jsonl when present) and manifest."""
+
+    run_id: str
+    path: Path
+    summary: dict[str, Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def editor(self) -> str:
+        return str(self.summary.get("editor") or self.manifest.get("editor", "?"))
+
+    @property
+    def model(self) -> str:
+        return str(self.summary.get("model") or (self.manifest.get("model") or {}).get("name", "?"))
+
+    @property
+    def dataset(self) -> str:
+        return str(self.summary.get("dataset") or (self.manifest.get("dataset") or {}).get("name", "?"))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.summary.get("batch_size") or (self.manifest.get("mode") or {}).get("batch_size") or 1)
+
+    @property
+    def sequential(self) -> bool:
+        mode = self.summary.get("mode") or (self.manifest.get("mode") or {}).get("name")
+        return mode == "sequential" or (self.path / "sequential.jsonl").exists()
+
+    @property
+    def finished(self) -> str:
+        return str(self.manifest.get("finished") or self.manifest.get("started") or "")
+
+    @property
+    def label(self) -> str:
+        return self.editor if self.batch_size == 1 else f"{self.editor} (batch {self.batch_size})"
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        return self.summary.get("metrics") or {}
+
+    def provenance(self) -> dict[str, Any]:
+        model = self.manifest.get("model") or {}
+        dataset = self.manifest.get("dataset") or {}
+        return {"run_id": self.run_id, "model_sha256": model.get("sha256"), "dataset_sha256": dataset.get("sha256"),
+                "commit": self.manifest.get("commit"), "device": self.manifest.get("device") or self.summary.get("device"),
+                "seed": self.manifest.get("seed"), "finished": self.manifest.get("finished")}
 
 
-def latest_per_group(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: (r["finished"], r["run_id"])):
-        latest[(row["editor"], row["model"], row["dataset"])] = row
-    return sorted(latest.values(), key=lambda r: (r["model"], r["dataset"], -(r.get("score") or 0.0)))
+def load_run(folder: Path) -> RunRow:
+    manifest_path, cases_path = folder / "manifest.json", folder / "cases.jsonl"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    stored = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
+    summary = dict(stored)
+    if cases_path.exists():
+        summary.update(summarize(read_cases(cases_path)))
+    return RunRow(folder.name, folder, summary, manifest)
 
 
-def _cell(value: Any) -> Any:
-    if value is None:
+def load_runs(runs_dir: Path) -> list[RunRow]:
+    """Every run folder with a summary (finished or interrupted runs)."""
+    return [load_run(path.parent) for path in sorted(runs_dir.glob("*/summary.json"))]
+
+
+def latest_rows(runs: list[RunRow]) -> list[RunRow]:
+    """The latest non-sequential run per (model, dataset, editor, batch size)."""
+    latest: dict[tuple[str, str, str, int], RunRow] = {}
+    for row in sorted(runs, key=lambda r: (r.finished, r.run_id)):
+        if not row.sequential:
+            latest[(row.model, row.dataset, row.editor, row.batch_size)] = row
+    return list(latest.values())
+
+
+def grouped(rows: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
+    """(model, dataset) -> rows, best S first (rows without S last), then by editor."""
+    groups: dict[tuple[str, str], list[RunRow]] = {}
+    for row in sorted(rows, key=lambda r: (r.model, r.dataset)):
+        groups.setdefault((row.model, row.dataset), []).append(row)
+    for members in groups.values():
+        members.sort(key=_rank)
+    return groups
+
+
+def _rank(row: RunRow) -> tuple[bool, float, str]:
+    score = _mean(row, "score")
+    return score is None, -(score or 0.0), row.label
+
+
+def _mean(row: RunRow, name: str) -> float | None:
+    return (row.metrics.get(name) or {}).get("mean")
+
+
+def metric_columns(rows: list[RunRow], markdown: bool = False) -> list[str]:
+    """Metrics reported by any row, in family order."""
+    present = {name for row in rows for name in row.metrics}
+    ordered = [n for n in METRIC_ORDER if n in present] + sorted(present - set(METRIC_ORDER))
+    family_of = {name: agg["family"] for row in rows for name, agg in row.metrics.items()}
+    ordered = [n for family in FAMILIES for n in ordered if family_of[n] == family]
+    return [n for n in ordered if not (markdown and n in HIDDEN_IN_MARKDOWN)]
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+def number(value: float) -> str:
+    size = abs(value)
+    if size >= 100:
+        return f"{value:.0f}"
+    if size >= 10:
+        return f"{value:.1f}"
+    if size >= 0.1 or value == 0:
+        return f"{value:.2f}"
+    return f"{value:.2g}"
+
+
+def interval_cell(aggregate: dict[str, Any] | None, n_cases: int) -> str:
+    """`0.90 [0.78, 1.00]`, with `(n=k)` when the metric covers fewer cases than the row."""
+    if not aggregate or aggregate.get("mean") is None:
         return "–"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.3f}"
-    return value
+    text = number(aggregate["mean"])
+    if aggregate.get("ci_low") is not None and aggregate.get("ci_high") is not None:
+        text += f" [{number(aggregate['ci_low'])}, {number(aggregate['ci_high'])}]"
+    if aggregate.get("n") != n_cases:
+        text += f" (n={aggregate.get('n')})"
+    return text
 
 
-def render(rows: list[dict[str, Any]]) -> str:
-    table = [[_cell(row.get(key)) for key, _ in COLUMNS] for row in rows]
-    return tabulate(table, headers=[title for _, title in COLUMNS], tablefmt="github")
+def _family_legend(rows: list[RunRow], columns: list[str]) -> str:
+    labels: dict[str, list[str]] = {}
+    for name in columns:
+        agg = next(r.metrics[name] for r in rows if name in r.metrics)
+        labels.setdefault(agg["family"], []).append(agg["label"])
+    return "Families: " + "; ".join(f"**{FAMILIES[f]}**: {', '.join(v)}" for f, v in labels.items()) + "."
 
 
-def leaderboard(runs_dir: Path) -> str:
-    return render(latest_per_group(load_runs(runs_dir)))
+def markdown_table(rows: list[RunRow], first_note: int = 1) -> tuple[str, list[str]]:
+    """The table, and its provenance notes numbered from first_note."""
+    columns = metric_columns(rows, markdown=True)
+    headers = ["Editor", "n"] + [next(r.metrics[c]["label"] for r in rows if c in r.metrics) for c in columns]
+    table, notes = [], []
+    for index, row in enumerate(rows, start=first_note):
+        n_cases = int(row.summary.get("n_cases") or 0)
+        table.append([f"{row.label} [{index}]", n_cases] + [interval_cell(row.metrics.get(c), n_cases) for c in columns])
+        notes.append(provenance_note(index, row))
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True), notes
+
+
+def _short(value: Any, k: int = 12) -> str:
+    return f"`{str(value)[:k]}`" if value else "unknown"
+
+
+def provenance_note(index: int, row: RunRow) -> str:
+    p = row.provenance()
+    return (f"[{index}] run `{p['run_id']}`: model sha256 {_short(p['model_sha256'])}, dataset sha256 "
+            f"{_short(p['dataset_sha256'])}, harness commit {_short(p['commit'], 14)}, device {p['device'] or 'unknown'}, "
+            f"seed {p['seed']}, finished {p['finished'] or 'unknown'}")
+
+
+def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None, runs_dir: Path,
+                charts: dict[tuple[str, str], list[str]] | None = None) -> str:
+    """One section per (model, dataset); `charts` (links relative to the markdown file) are embedded."""
+    parts = ["# Leaderboard", ""]
+    source = f"Generated from the run folders in `{runs_dir}`" + (f" by `{command}`." if command else ".")
+    parts += [source + " Each row is the latest run of an editor on a (model, dataset); sequential-editing "
+              "runs are plotted, not tabulated. A cell is the mean over the run's edited cases with its 95% "
+              "percentile-bootstrap confidence interval over cases, `mean [low, high]`; `(n=k)` marks a metric "
+              "measured on fewer cases than the row's n. Metric families are never averaged together; the "
+              "metrics are defined in the README's Metrics section. `[k]` refers to the run's provenance note.", ""]
+    if not groups:
+        parts.append("No single or batch runs yet (sequential runs are only plotted).")
+    note = 1
+    for (model, dataset), rows in groups.items():
+        table, notes = markdown_table(rows, note)
+        note += len(rows)
+        columns = metric_columns(rows, markdown=True)
+        parts += [f"## {model} · {dataset}", "", _family_legend(rows, columns) if columns else "", "", table, ""]
+        parts += [line + "  " for line in notes] + [""]
+        parts += [f"![{Path(link).stem}]({link})" for link in (charts or {}).get((model, dataset), [])]
+        parts += [""] if (charts or {}).get((model, dataset)) else []
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def render(summaries: list[dict[str, Any]]) -> str:
+    """A plain table of run summaries (printed after `bench run`)."""
+    rows = [RunRow(str(s.get("run_id", "")), Path("."), s) for s in summaries]
+    columns = metric_columns(rows, markdown=True)
+    headers = ["Editor", "Model", "Dataset", "n"] + [next(r.metrics[c]["label"] for r in rows if c in r.metrics)
+                                                     for c in columns]
+    table = [[r.label, r.model, r.dataset, int(r.summary.get("n_cases") or 0)]
+             + [interval_cell(r.metrics.get(c), int(r.summary.get("n_cases") or 0)) for c in columns] for r in rows]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+# --- json and csv --------------------------------------------------------------------------
+
+def to_json(groups: dict[tuple[str, str], list[RunRow]], command: str | None, interval: dict[str, Any]) -> str:
+    data = {"generated_by": command, "interval": interval, "families": FAMILIES, "groups": [
+        {"model": model, "dataset": dataset, "rows": [
+            {"editor": r.editor, "batch_size": r.batch_size, "n_cases": r.summary.get("n_cases"),
+             "n_failed": r.summary.get("n_failed"), "metrics": {c: r.metrics[c] for c in metric_columns(rows) if c in r.metrics},
+             "provenance": r.provenance()} for r in rows]}
+        for (model, dataset), rows in groups.items()]}
+    return json.dumps(data, indent=2) + "\n"
+
+
+CSV_FIELDS = ["model", "dataset", "editor", "batch_size", "n_cases", "family", "metric", "mean", "ci_low", "ci_high",
+              "n", "run_id", "model_sha256", "dataset_sha256", "commit", "device"]
+
+
+def to_csv(groups: dict[tuple[str, str], list[RunRow]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for (model, dataset), rows in groups.items():
+        for row in rows:
+            prov = row.provenance()
+            for name in metric_columns(rows):
+                agg = row.metrics.get(name)
+                if agg:
+                    writer.writerow({"model": model, "dataset": dataset, "editor": row.editor,
+                                     "batch_size": row.batch_size, "n_cases": row.summary.get("n_cases"),
+                                     "family": agg["family"], "metric": name, "mean": agg["mean"],
+                                     "ci_low": agg["ci_low"], "ci_high": agg["ci_high"], "n": agg["n"],
+                                     **{k: prov[k] for k in ("run_id", "model_sha256", "dataset_sha256", "commit",
+                                                             "device")}})
+    return buffer.getvalue()
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.rstrip("/").split("/")[-1]).strip("_") or "x"
+
+
+def _errors(aggs: list[dict[str, Any] | None]) -> list[list[float]]:
+    """Asymmetric error-bar lengths (0 where a row has no interval)."""
+    low = [a["mean"] - a["ci_low"] if a and a.get("ci_low") is not None else 0.0 for a in aggs]
+    high = [a["ci_high"] - a["mean"] if a and a.get("ci_high") is not None else 0.0 for a in aggs]
+    return [[max(v, 0.0) for v in low], [max(v, 0.0) for v in high]]
+
+
+def plot_family_bars(rows: list[RunRow], family: str, title: str, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    names = [n for n in metric_columns(rows) if any((r.metrics.get(n) or {}).get("family") == family for r in rows)]
+    if not names:
+        return False
+    ncols = min(4, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 3.0 * nrows + 0.4), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    labels = [r.label for r in rows]
+    for ax, name in zip(axes.flat, names):
+        aggs = [r.metrics.get(name) for r in rows]
+        means = [a["mean"] if a and a.get("mean") is not None else 0.0 for a in aggs]
+        ax.bar(range(len(rows)), means, yerr=_errors(aggs), capsize=3, color="#4C72B0")
+        ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(next(a["label"] for a in aggs if a), fontsize=9)
+        ax.axhline(0, color="black", linewidth=0.5)
+    fig.suptitle(f"{FAMILIES[family]} · {title} (95% bootstrap CI)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_efficacy_vs_overlap(rows: list[RunRow], title: str, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if _mean(r, "efficacy_score") is not None and _mean(r, "circuit_edge_jaccard") is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(4.8, 4.0))
+    for row in points:
+        x_agg, y_agg = row.metrics["circuit_edge_jaccard"], row.metrics["efficacy_score"]
+        ax.errorbar([x_agg["mean"]], [y_agg["mean"]], xerr=_errors([x_agg]), yerr=_errors([y_agg]), fmt="o", capsize=3)
+        ax.annotate(row.label, (x_agg["mean"], y_agg["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("circuit overlap, pre vs post (edge Jaccard)")
+    ax.set_ylabel("efficacy score (ES)")
+    ax.set_title(f"Efficacy vs circuit overlap · {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def read_curve(path: Path) -> list[dict[str, Any]]:
+    points = [row for row in read_cases(path) if isinstance(row.get("n_edits"), (int, float))]
+    return sorted(points, key=lambda p: p["n_edits"])
+
+
+def plot_sequential(runs: list[RunRow], title: str, path: Path) -> bool:
+    """One panel per curve field, one line per editor (its latest sequential run)."""
+    import matplotlib.pyplot as plt
+
+    latest: dict[str, RunRow] = {}
+    for run in sorted(runs, key=lambda r: (r.finished, r.run_id)):
+        if (run.path / "sequential.jsonl").exists():
+            latest[run.label] = run
+    curves = {label: read_curve(run.path / "sequential.jsonl") for label, run in sorted(latest.items())}
+    curves = {label: points for label, points in curves.items() if points}
+    if not curves:
+        return False
+    fig, axes = plt.subplots(1, len(SEQUENTIAL_PANELS), figsize=(11, 3.4))
+    for ax, (key, name) in zip(axes, SEQUENTIAL_PANELS):
+        for label, points in curves.items():
+            xy = [(p["n_edits"], p[key]) for p in points if isinstance(p.get(key), (int, float))]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", markersize=3, label=label)
+        ax.set_xlabel("edits so far")
+        ax.set_title(name, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Sequential editing · {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]], folder: Path
+                ) -> list[tuple[tuple[str, str], Path]]:
+    """Writes the PNGs; returns ((model, dataset), path) for each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    keys = set(groups) | {(r.model, r.dataset) for r in runs if r.sequential}
+    for model, dataset in sorted(keys):
+        rows, stem, title = groups.get((model, dataset), []), f"{_slug(model)}__{_slug(dataset)}", f"{model} · {dataset}"
+        for family in FAMILIES:
+            path = folder / f"{stem}__{family}.png"
+            if rows and plot_family_bars(rows, family, title, path):
+                written.append(((model, dataset), path))
+        path = folder / f"{stem}__efficacy_vs_circuit.png"
+        if rows and plot_efficacy_vs_overlap(rows, title, path):
+            written.append(((model, dataset), path))
+        path = folder / f"{stem}__sequential.png"
+        if plot_sequential([r for r in runs if (r.model, r.dataset) == (model, dataset)], title, path):
+            written.append(((model, dataset), path))
+    return written
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def leaderboard(runs_dir: Path, fmt: str = "md", command: str | None = None,
+                charts: dict[tuple[str, str], list[str]] | None = None) -> str:
+    groups = grouped(latest_rows(load_runs(runs_dir)))
+    if fmt == "json":
+        return to_json(groups, command, summarize([])["interval"])
+    if fmt == "csv":
+        return to_csv(groups)
+    return to_markdown(groups, command, runs_dir, charts)
+
+
+def command_line(runs: str, output: str | None, fmt: str, plots: str | None) -> str:
+    parts = ["python -m bench leaderboard", f"--runs {runs}"]
+    if fmt != "md":
+        parts.append(f"--format {fmt}")
+    if output:
+        parts.append(f"--output {output}")
+    if plots:
+        parts.append(f"--plots {plots}")
+    return " ".join(parts)
+
+
+def main(args: Any) -> int:
+    """`python -m bench leaderboard [--runs DIR] [--format md|json|csv] [--output FILE] [--plots DIR]`."""
+    runs_dir = Path(args.runs)
+    if not runs_dir.is_dir():
+        raise ValueError(f"runs folder '{runs_dir}' does not exist")
+    fmt = getattr(args, "format", "md") or "md"
+    if fmt not in ("md", "json", "csv"):
+        raise ValueError(f"unknown format '{fmt}'; valid: md, json, csv")
+    plots = getattr(args, "plots", None)
+    charts: dict[tuple[str, str], list[str]] = {}
+    if plots:
+        runs = load_runs(runs_dir)
+        for key, path in write_plots(runs, grouped(latest_rows(runs)), Path(plots)):
+            print(f"wrote {path}")
+            base = Path(args.output).resolve().parent if args.output else Path.cwd()
+            charts.setdefault(key, []).append(os.path.relpath(path.resolve(), base))
+    text = leaderboard(runs_dir, fmt, command_line(args.runs, args.output, fmt, plots), charts)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0

@@ -1,14 +1,22 @@
 """One benchmark run: load model -> load cases -> pre-scores and circuit -> edit -> post-scores and circuit
--> restore -> append result -> aggregate."""
+-> restore -> append result -> aggregate.
+
+Modes: one case at a time (default); `batch_size` K > 1 (pre-scores of K cases, their edits, their
+post-scores, one restore); `sequential` (edits accumulate, a lifelong-editing curve every `eval_every`
+edits in sequential.jsonl, one bitwise-checked restore at the end).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +25,18 @@ from tqdm import tqdm
 
 from bench.corrupt import circuit_batch
 from bench.arch import parameter
+from bench.cache import FetchError
+from bench.corpus import DEFAULT_CORPUS, CorpusError, wiki_texts
 from bench.data import EditCase, LoadedDataset, load_dataset, validate_case
+from bench.metrics import easyedit_scores, generation_metrics
 from bench.models import ModelBundle, load_model
+from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.results import RunWriter
-from bench.scoring import case_logprobs, counterfact_scores, drift_kl, neighborhood_next_token, top1_matches
+from bench.scoring import (case_logprobs, counterfact_scores, drift_kl, harmonic_mean, neighborhood_next_token,
+                           top1_matches)
 from circuits.circuit import DEFAULT_TOP_N, Circuit, discover, overlap
-from editors.base import Editor, get_editor, load_hparams
+from circuits.relation import relation_circuits_for
+from editors.base import EditOutcome, Editor, get_editor, load_hparams
 
 log = logging.getLogger("bench")
 
@@ -45,6 +59,12 @@ class RunConfig:
     circuits: bool = True
     top_n: int = DEFAULT_TOP_N
     only_known: bool = True
+    relation_circuits: bool = False  # also the case's relation circuit before/after the edit (circuits/relation.py)
+    batch_size: int = 1  # cases per apply (batched editors) or per restore (the others)
+    sequential: bool = False  # edits accumulate over the run; restored once at the end
+    eval_every: int = 5  # sequential: a curve point after every eval_every edits
+    ppl_texts: int = 8  # held-out Wikipedia texts for per-case ppl_pre/ppl_post (0: off)
+    curve_ppl_texts: int = 32  # held-out Wikipedia texts for each sequential curve point
 
 
 def sync(device: torch.device) -> None:
@@ -67,6 +87,8 @@ def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 
 def all_finite(model: torch.nn.Module, names: list[str]) -> bool:
+    if not names:  # editors that change no parameters (grace, ike)
+        return True
     return bool(torch.stack([torch.isfinite(parameter(model, n)).all() for n in names]).all())
 
 
@@ -114,7 +136,7 @@ def interleave_relations(cases: list[EditCase]) -> list[EditCase]:
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
-# --- one case --------------------------------------------------------------------------
+# --- one case, one batch ---------------------------------------------------------------
 
 def find_circuit(bundle: ModelBundle, case: EditCase, answer: str, pool: list[str], cfg: RunConfig
                  ) -> tuple[Circuit | None, float]:
@@ -137,39 +159,140 @@ def circuit_fields(pre: Circuit | None, post: Circuit | None, layers: list[int])
     return fields
 
 
-def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str], cfg: RunConfig,
-             circuit_dir: Path) -> dict[str, Any]:
+@dataclass
+class CaseBefore:
+    """What is measured on one case before its batch is edited."""
+
+    record: dict[str, Any]
+    pre_next: torch.Tensor  # next-token log-probs on the neighbourhood prompts
+    circuit: Circuit | None
+    seconds_circuit: float
+    locality_tokens: list[list[int]] | None = None  # pre-edit argmax tokens for EasyEdit locality
+
+
+def measure_before(bundle: ModelBundle, case: EditCase, pool: list[str], cfg: RunConfig) -> CaseBefore:
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     record: dict[str, Any] = {"case_id": case.case_id, "relation": case.relation, "subject": case.subject,
                               "target_true": case.target_true, "target_new": case.target_new}
     record["pre"] = counterfact_scores(case_logprobs(model, tok, case, dev))
+    record["scoring"] = case.scoring  # the dataset's primary family: "counterfact" (pre/post) or "zsre" (easyedit)
+    record["pre_easyedit"], locality_tokens = easyedit_scores(model, tok, case, dev)
     pre_next = neighborhood_next_token(model, tok, case, dev)
     pre_circuit, t_pre = find_circuit(bundle, case, case.target_true, pool, cfg) if cfg.circuits else (None, 0.0)
+    if cfg.relation_circuits:  # once per relation per run, on the pre-edit weights
+        relation_circuits_for(bundle, cfg).before_edit(case.relation)
+    return CaseBefore(record, pre_next, pre_circuit, t_pre, locality_tokens)
 
-    names = editor.parameters_to_touch([case])
-    saved = backup(model, names)
-    try:
+
+def measure_after(bundle: ModelBundle, editor: Editor, case: EditCase, before: CaseBefore, layers: list[int],
+                  pool: list[str], cfg: RunConfig, circuit_dir: Path) -> dict[str, Any]:
+    model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
+    record, pre_next, pre_circuit, t_pre = before.record, before.pre_next, before.circuit, before.seconds_circuit
+    edited = editor.evaluation_case(case)
+    record["post"] = counterfact_scores(case_logprobs(model, tok, edited, dev))
+    record["post_easyedit"], _ = easyedit_scores(model, tok, edited, dev, before.locality_tokens)
+    record["post_generation"], record["post_generation_text"] = generation_metrics(model, tok, edited, dev)
+    record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, edited, dev))
+    if cfg.circuits:
+        post_circuit, t_post = find_circuit(bundle, edited, case.target_new, pool, cfg)
+        record.update(circuit_fields(pre_circuit, post_circuit, layers))
+        record["seconds_circuit"] = (t_pre + t_post) / 2
+        _save_circuits(circuit_dir, case.case_id, pre_circuit, post_circuit)
+    if cfg.relation_circuits:
+        record.update(relation_circuits_for(bundle, cfg).after_edit(case.relation, case.subject, circuit_dir,
+                                                                    case.case_id))
+    record["status"] = "ok"
+    return record
+
+
+def apply_edits(editor: Editor, cases: list[EditCase]) -> list[tuple[EditOutcome, float]]:
+    """(outcome, seconds) per case: a batched editor gets one apply() for the whole batch (its time is
+    split evenly); any other editor one apply() per case, in order, with no restore in between."""
+    dev = editor.bundle.device
+    if editor.batched:
+        start = time.perf_counter()
+        outcome = editor.apply(list(cases))
+        sync(dev)
+        return [(outcome, (time.perf_counter() - start) / len(cases))] * len(cases)
+    timed = []
+    for case in cases:
         start = time.perf_counter()
         outcome = editor.apply([case])
         sync(dev)
-        record["seconds_edit"] = time.perf_counter() - start
-        record["edit"] = {"layers": outcome.layers, **outcome.stats}
+        timed.append((outcome, time.perf_counter() - start))
+    return timed
+
+
+def touched_parameters(editor: Editor, cases: list[EditCase]) -> list[str]:
+    """Every tensor the batch's apply() call(s) may modify."""
+    names = list(editor.parameters_to_touch(list(cases)))
+    for case in cases:
+        names += editor.parameters_to_touch([case])
+    return list(dict.fromkeys(names))
+
+
+@lru_cache(maxsize=4)
+def heldout_for_ppl(n: int) -> tuple[str, ...] | None:
+    """The last n Wikipedia texts, or None (with a warning) when n is 0 or the corpus cannot be fetched."""
+    if n <= 0:
+        return None
+    try:
+        return tuple(heldout_texts(n))
+    except (CorpusError, FetchError) as exc:
+        log.warning("perplexity: no held-out Wikipedia texts (%s); ppl fields will be missing", exc)
+        return None
+
+
+def held_out_perplexity(bundle: ModelBundle, texts: tuple[str, ...] | None) -> float | None:
+    return None if texts is None else wiki_perplexity(bundle.model, bundle.tokenizer, bundle.device, list(texts))
+
+
+def run_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+              circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False) -> list[dict[str, Any]]:
+    """Pre-scores of every case, the batch's edits, post-scores of every case, one record per case.
+
+    Afterwards the weights are restored bitwise to their values before the batch and editor.undo() runs,
+    unless keep_edits (sequential mode): then they are restored only when the batch failed, and undo()
+    is left to the end of the run.
+    """
+    model = bundle.model
+    befores = [measure_before(bundle, case, pool, cfg) for case in cases]
+    records = [dict(before.record, batch_index=batch_index) for before in befores]
+    for before, record in zip(befores, records):
+        before.record = record
+    held_out = None if keep_edits else heldout_for_ppl(cfg.ppl_texts)
+    ppl_pre = held_out_perplexity(bundle, held_out)
+    names = touched_parameters(editor, cases)
+    saved = backup(model, names)
+    failed = True
+    try:
+        for record, (outcome, seconds) in zip(records, apply_edits(editor, cases)):
+            record["seconds_edit"] = seconds
+            record["edit"] = {"layers": outcome.layers, **outcome.stats}
         if not all_finite(model, names):
-            record.update(status="failed", reason="the edit produced NaN or inf weights")
-            return record
-        edited = editor.evaluation_case(case)
-        record["post"] = counterfact_scores(case_logprobs(model, tok, edited, dev))
-        record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, edited, dev))
-        if cfg.circuits:
-            post_circuit, t_post = find_circuit(bundle, edited, case.target_new, pool, cfg)
-            record.update(circuit_fields(pre_circuit, post_circuit, outcome.layers))
-            record["seconds_circuit"] = (t_pre + t_post) / 2
-            _save_circuits(circuit_dir, case.case_id, pre_circuit, post_circuit)
-        record["status"] = "ok"
-        return record
+            for record in records:
+                record.update(status="failed", reason="the edit produced NaN or inf weights")
+            return records
+        ppl_post = held_out_perplexity(bundle, held_out)
+        records = [measure_after(bundle, editor, case, before, before.record["edit"]["layers"], pool, cfg,
+                                 circuit_dir) for case, before in zip(cases, befores)]
+        if held_out is not None:
+            for record in records:
+                record.update(ppl_pre=ppl_pre, ppl_post=ppl_post)
+        failed = False
+        return records
     finally:
-        restore(model, saved)
-        editor.undo()
+        if not keep_edits:
+            restore(model, saved)
+            editor.undo()
+        elif failed:
+            restore(model, saved)  # roll back this batch only; the earlier edits stay
+
+
+def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str], cfg: RunConfig,
+             circuit_dir: Path) -> dict[str, Any]:
+    """One case: a batch of one, restored afterwards."""
+    return run_batch(bundle, editor, [case], pool, cfg, circuit_dir)[0]
 
 
 def _save_circuits(folder: Path, case_id: str, pre: Circuit | None, post: Circuit | None) -> None:
@@ -178,6 +301,112 @@ def _save_circuits(folder: Path, case_id: str, pre: Circuit | None, post: Circui
     for tag, circuit in (("pre", pre), ("post", post)):
         if circuit is not None:
             circuit.save(folder / f"{safe}.{tag}.json")
+
+
+# --- sequential (lifelong) editing ---------------------------------------------------------------
+
+@torch.no_grad()
+def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, bool]],
+                texts: tuple[str, ...] | None, started: float) -> dict[str, Any]:
+    """Re-scores every case so far on the current weights: efficacy, paraphrase and magnitude over the
+    cases whose edit is in the model, neighbourhood over all cases so far; plus held-out perplexity."""
+    model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
+    scores = [(counterfact_scores(case_logprobs(model, tok, editor.evaluation_case(case), dev)), ok)
+              for case, ok in seen]
+    kept = [s for s, ok in scores if ok]
+
+    def mean(rows: list[dict[str, float]], key: str) -> float | None:
+        return sum(r[key] for r in rows) / len(rows) if rows else None
+
+    point: dict[str, Any] = {
+        "n_edits": len(kept), "n_cases": len(seen),
+        "efficacy": mean(kept, "efficacy_score"), "paraphrase": mean(kept, "paraphrase_score"),
+        "neighborhood": mean([s for s, _ in scores], "neighborhood_score"),
+        "efficacy_magnitude": mean(kept, "efficacy_magnitude"),
+    }
+    parts = [point["efficacy"], point["paraphrase"], point["neighborhood"]]
+    point["score"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
+    point["ppl"] = held_out_perplexity(bundle, texts)
+    point["n_ppl_texts"] = len(texts) if texts else 0
+    point["seconds"] = round(time.perf_counter() - started, 2)
+    return point
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+                   writer: RunWriter) -> list[dict[str, Any]]:
+    """Edits accumulate over the whole run; a curve point goes to sequential.jsonl at 0 edits, after every
+    eval_every edits and at the end. The original weights come back (bitwise-checked) when the run ends."""
+    curve_path = writer.dir / "sequential.jsonl"
+    curve_path.touch()
+    texts = heldout_for_ppl(cfg.curve_ppl_texts)
+    originals: dict[str, torch.Tensor] = {}
+    seen: list[tuple[EditCase, bool]] = []
+    started = time.perf_counter()
+    points = [curve_point(bundle, editor, seen, texts, started)]
+    _append_jsonl(curve_path, points[-1])
+    try:
+        with tqdm(total=len(cases), desc=f"{cfg.editor} sequential edits", unit="case") as bar:
+            for index, batch in enumerate(batches(cases, cfg.batch_size)):
+                fresh = [n for n in touched_parameters(editor, batch) if n not in originals]
+                originals.update(backup(bundle.model, fresh))
+                for case, record in zip(batch, _safe_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits",
+                                                           index, keep_edits=True)):
+                    writer.append(record)
+                    seen.append((case, record.get("status") == "ok"))
+                bar.update(len(batch))
+                n_edits = sum(ok for _, ok in seen)
+                if n_edits // cfg.eval_every > points[-1]["n_edits"] // cfg.eval_every:
+                    points.append(curve_point(bundle, editor, seen, texts, started))
+                    _append_jsonl(curve_path, points[-1])
+        if len(seen) > points[-1]["n_cases"]:
+            points.append(curve_point(bundle, editor, seen, texts, started))
+            _append_jsonl(curve_path, points[-1])
+        return points
+    finally:
+        restore(bundle.model, originals)
+        editor.undo()
+
+
+def batches(cases: list[EditCase], size: int) -> list[list[EditCase]]:
+    return [cases[i: i + size] for i in range(0, len(cases), size)]
+
+
+def check_modes(cfg: RunConfig) -> None:
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {cfg.batch_size}")
+    if cfg.eval_every < 1:
+        raise ValueError(f"--eval-every must be at least 1; got {cfg.eval_every}")
+    if cfg.ppl_texts < 0 or cfg.curve_ppl_texts < 0:
+        raise ValueError("perplexity text counts cannot be negative")
+
+
+def mode_manifest(cfg: RunConfig) -> dict[str, Any]:
+    mode: dict[str, Any] = {"name": "sequential" if cfg.sequential else ("batch" if cfg.batch_size > 1 else "single"),
+                            "batch_size": cfg.batch_size}
+    if cfg.sequential:
+        mode.update(eval_every=cfg.eval_every, curve_ppl_texts=cfg.curve_ppl_texts, restore="once, at the end")
+    else:
+        mode.update(ppl_texts=cfg.ppl_texts, restore="after every batch")
+    return mode
+
+
+def ppl_manifest(hparams: dict[str, Any], n_texts: int) -> dict[str, Any]:
+    """Which texts the perplexity uses, and whether they overlap the editor's key-statistics texts."""
+    info: dict[str, Any] = {"corpus": "wikipedia (offline summaries, sorted by title)",
+                            "texts": f"the last {n_texts}", "max_len": 128}
+    if heldout_for_ppl(n_texts) is None:
+        info["note"] = "off (0 texts)" if n_texts == 0 else "the corpus could not be loaded; no ppl fields"
+    elif "mom2_n_samples" in hparams and str(hparams.get("mom2_dataset", DEFAULT_CORPUS)) == DEFAULT_CORPUS:
+        info["overlaps_key_statistics"] = overlaps_keystats(n_texts, int(hparams["mom2_n_samples"]),
+                                                            len(wiki_texts()[0]))
+    return info
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -190,6 +419,7 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
+    check_modes(cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     editor_cls = get_editor(cfg.editor)
@@ -206,35 +436,68 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
                 "dataset": {"name": data.name, "path": data.path, "sha256": data.sha256},
                 "cases": counts, "circuits": {"enabled": cfg.circuits, "method": "eap", "top_n": cfg.top_n,
                                               "metric": "log-prob of the answer's first token"},
+                "mode": mode_manifest(cfg),
+                "perplexity": ppl_manifest(hparams, cfg.curve_ppl_texts if cfg.sequential else cfg.ppl_texts),
                 "config": vars(cfg)}
     writer = RunWriter(Path(cfg.output) / run_id(cfg), manifest)
     pool = sorted({c.subject for c in data.cases})
     status = "complete"
-    log.info("editing: %s on %d cases%s", cfg.editor, len(cases),
-             f", with pre/post circuits (EAP, top {cfg.top_n} edges)" if cfg.circuits else "")
+    extra: dict[str, Any] = {"seed": cfg.seed, "device": str(bundle.device), "top_n": cfg.top_n,
+                             "mode": manifest["mode"]["name"], "batch_size": cfg.batch_size}
+    log.info("editing: %s on %d cases (%s mode, batch size %d)%s", cfg.editor, len(cases), extra["mode"],
+             cfg.batch_size, f", with pre/post circuits (EAP, top {cfg.top_n} edges)" if cfg.circuits else "")
     try:
-        for case in tqdm(cases, desc=f"{cfg.editor} edits", unit="case"):
-            writer.append(_safe_case(bundle, editor, case, pool, cfg, writer.dir / "circuits"))
+        if cfg.sequential:
+            extra.update(final_curve_fields(run_sequential(bundle, editor, cases, pool, cfg, writer)))
+        else:
+            run_batches(bundle, editor, cases, pool, cfg, writer)
     except KeyboardInterrupt:
         status = "interrupted"
         log.warning("interrupted: the summary covers the %s cases already written", "completed")
     log.info("scoring: aggregating %s", writer.cases_path)
-    summary = writer.finish({"seed": cfg.seed, "device": str(bundle.device), "top_n": cfg.top_n}, status)
+    summary = writer.finish(extra, status)
     return writer.dir, summary
+
+
+def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+                writer: RunWriter) -> None:
+    with tqdm(total=len(cases), desc=f"{cfg.editor} edits", unit="case") as bar:
+        for index, batch in enumerate(batches(cases, cfg.batch_size)):
+            for record in _safe_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits", index):
+                writer.append(record)
+            bar.update(len(batch))
+
+
+def final_curve_fields(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last curve point, and the perplexity before any edit, as flat summary fields."""
+    last = points[-1]
+    fields = {f"sequential_{key}": last[key] for key in ("n_edits", "efficacy", "paraphrase", "neighborhood",
+                                                         "score", "ppl")}
+    fields["sequential_ppl_base"] = points[0]["ppl"]
+    return fields
+
+
+def _safe_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+                circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False) -> list[dict[str, Any]]:
+    """Runs one batch; an exception inside the editor fails that batch's cases only (weights are restored)."""
+    try:
+        records = run_batch(bundle, editor, cases, pool, cfg, circuit_dir, batch_index, keep_edits)
+    except RestoreError:
+        raise
+    except (RuntimeError, ValueError, FloatingPointError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        records = [{"case_id": case.case_id, "batch_index": batch_index, "status": "failed", "reason": reason}
+                   for case in cases]
+    for record in records:
+        if record.get("status") == "failed":
+            log.warning("case %s failed: %s", record["case_id"], record.get("reason"))
+        for key, value in list(record.items()):
+            if isinstance(value, float) and not math.isfinite(value):
+                record[key] = None
+    return records
 
 
 def _safe_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str], cfg: RunConfig,
                circuit_dir: Path) -> dict[str, Any]:
     """Runs one case; an exception inside the editor fails that case only (weights are restored)."""
-    try:
-        record = run_case(bundle, editor, case, pool, cfg, circuit_dir)
-    except RestoreError:
-        raise
-    except (RuntimeError, ValueError, FloatingPointError) as exc:
-        record = {"case_id": case.case_id, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}
-    if record.get("status") == "failed":
-        log.warning("case %s failed: %s", case.case_id, record.get("reason"))
-    for key, value in list(record.items()):
-        if isinstance(value, float) and not math.isfinite(value):
-            record[key] = None
-    return record
+    return _safe_batch(bundle, editor, [case], pool, cfg, circuit_dir)[0]

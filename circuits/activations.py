@@ -7,7 +7,7 @@ Hook names follow TransformerLens: `hook_embed`, `hook_pos_embed`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -18,17 +18,24 @@ from circuits.graph import Graph
 
 @dataclass
 class PairBatch:
-    """Right-padded clean and corrupted prompts of equal token length per row."""
+    """Padded (right by default, or left) clean and corrupted prompts of equal token length per row.
+
+    The metric is read at `answer_pos` only; padded positions have attention_mask 0 and are
+    masked out of every attribution sum."""
 
     clean_ids: torch.Tensor  # [B, P]
     corrupt_ids: torch.Tensor  # [B, P]
     attention_mask: torch.Tensor  # [B, P]
     answer_pos: torch.Tensor  # [B] last real position
     answer_ids: torch.Tensor  # [B] first token of the answer
+    corrupt_answer_ids: torch.Tensor | None = None  # [B] the corrupted prompt's answer (logit-diff), optional
 
     @classmethod
-    def from_rows(cls, rows: list[tuple[list[int], list[int], int]], pad_id: int, device: torch.device) -> PairBatch:
+    def from_rows(cls, rows: list[tuple[list[int], list[int], int]], pad_id: int, device: torch.device,
+                  padding_side: str = "right", corrupt_answers: list[int] | None = None) -> PairBatch:
         """rows: (clean ids, corrupted ids of the same length, answer token id)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not '{padding_side}'")
         width = max(len(c) for c, _, _ in rows)
         clean = torch.full((len(rows), width), pad_id, dtype=torch.long)
         corrupt = clean.clone()
@@ -36,10 +43,12 @@ class PairBatch:
         for i, (c, x, _) in enumerate(rows):
             if len(c) != len(x):
                 raise ValueError("clean and corrupted prompts must have the same token length")
-            clean[i, : len(c)], corrupt[i, : len(x)], mask[i, : len(c)] = torch.tensor(c), torch.tensor(x), 1
-        pos = mask.sum(1) - 1
+            span = slice(width - len(c), width) if padding_side == "left" else slice(0, len(c))
+            clean[i, span], corrupt[i, span], mask[i, span] = torch.tensor(c), torch.tensor(x), 1
+        pos = torch.full((len(rows),), width - 1) if padding_side == "left" else mask.sum(1) - 1
         answers = torch.tensor([a for _, _, a in rows])
-        return cls(clean.to(device), corrupt.to(device), mask.to(device), pos.to(device), answers.to(device))
+        wrong = torch.tensor(corrupt_answers).to(device) if corrupt_answers is not None else None
+        return cls(clean.to(device), corrupt.to(device), mask.to(device), pos.to(device), answers.to(device), wrong)
 
 
 def answer_logprob(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
@@ -63,8 +72,8 @@ class SenderCapture:
 
     graph: Graph
     arch: ArchSpec
-    model: torch.nn.Module
-    outputs: torch.Tensor | None = None
+    model: torch.nn.Module = field(repr=False)  # hook libraries may repr bound methods: keep that cheap
+    outputs: torch.Tensor | None = field(default=None, repr=False)
 
     def hooks(self, bridge: Any) -> list[tuple[str, Callable]]:
         hooks: list[tuple[str, Callable]] = [(name, self._embed) for name in embed_hooks(bridge)]

@@ -1,12 +1,24 @@
-"""Edge attribution patching (EAP; Syed et al. 2023, as used by Yao et al. 2024).
+"""Edge attribution: EAP, EAP-IG over the inputs, and EAP-IG over each layer's activations.
 
-score(u -> r) = (corrupted - clean output of sender u) . d metric / d (input of receiver r),
-summed over batch rows and positions. Cost: one corrupted forward without gradients,
-one clean forward and one backward, then one matrix product.
+With delta_u = (ablated - clean) output of sender u and g_r = d metric / d (input of receiver r),
+summed over batch rows and real (unpadded) positions:
 
-A head's q/k/v input is the residual stream *before* its layer norm, as in
-EAP-IG's split-input graph; its gradient is the layer norm's vector-Jacobian
-product applied to the gradient that reaches that head's projection alone.
+- `eap` (Syed et al. 2023, as used by Yao et al. 2024):  score(u -> r) = delta_u . g_r  at the clean input.
+- `eap-ig` (Hanna et al. 2024, "EAP-IG-inputs"):  score(u -> r) = delta_u . (1/m) sum_{k=1..m} g_r(x_k),
+  with the input embeddings x_k = x_ablated + (k/m)(x_clean - x_ablated). Differs from the EAP-IG code:
+  a right Riemann sum (k = 1..m, so the k = m pass is the clean run and also records the clean sender
+  outputs) where theirs is the left one (k = 0..m-1). Cost: one ablated forward and m forward+backward.
+- `eap-ig-activations` (Hanna et al. 2024, "EAP-IG-activations"): for the senders of one layer block
+  (the input; layer l's heads; layer l's MLP), the gradient is averaged over m passes in which only that
+  block's output is moved from ablated to clean,  out_k = out_ablated + (k/m)(out_clean - out_ablated),
+  and only that block's rows are scored from those passes. Differs from the EAP-IG code, which adds every
+  pass's gradients to every row and divides by all passes. Cost: 1 + (2L + 1)(m - 1) forward+backward
+  (the k = m pass is the clean run, shared by all blocks).
+
+A head's q/k/v input is the residual stream *before* its layer norm, as in EAP-IG's split-input graph;
+its gradient is the layer norm's vector-Jacobian product applied to the gradient that reaches that
+head's projection alone. Memory: scores are accumulated layer by layer during the backward pass, as each
+receiver's gradient arrives ([B, P, D] per receiver); only delta, [n_upstream, B, P, D], is kept whole.
 """
 
 from __future__ import annotations
@@ -16,23 +28,87 @@ from typing import Any, Callable
 import torch
 
 from bench.arch import ArchSpec
-from circuits.activations import PairBatch, answer_logprob, run_capture
+from circuits.ablation import ablated_outputs
+from circuits.activations import PairBatch, run_capture
 from circuits.graph import Graph
+from circuits.metrics import Metric, prepared_metric
+
+METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact")
+DEFAULT_IG_STEPS = 5
 
 
-class ReceiverGrads:
-    """Captures, in a clean forward, what is needed for every receiver's input gradient."""
+class EdgeScoreAccumulator:
+    """Backward hooks that add  weight * delta[rows] . g_r  into scores as each receiver's gradient arrives."""
 
-    def __init__(self, arch: ArchSpec):
-        self.arch = arch
+    def __init__(self, arch: ArchSpec, graph: Graph, model: torch.nn.Module, scores: torch.Tensor,
+                 position_mask: torch.Tensor):
+        self.arch, self.graph, self.model, self.scores = arch, graph, model, scores
+        self.position_mask = position_mask[None, :, :, None].float()  # [1, B, P, 1]
+        self.delta: torch.Tensor | None = None  # [n_upstream, B, P, D] float32, set before backward
+        self.rows = (0, graph.n_upstream)
+        self.weight = 1.0
         self.resid: dict[int, torch.Tensor] = {}
-        self.grads: dict[str, torch.Tensor] = {}
+        self.pending: dict[int, dict[int, torch.Tensor]] = {}
 
-    def _keep_grad(self, key: str) -> Callable:
+    def accumulate(self, first_receiver: int, grads: torch.Tensor) -> None:
+        """grads [R, B, P, D]: gradients at receivers first_receiver .. first_receiver + R - 1."""
+        self.accumulate_block(first_receiver, self.graph.senders_before(first_receiver), grads)
+
+    def collect(self, layer: int, first_receiver: int, grads: torch.Tensor) -> None:
+        """Holds a layer's receiver gradients until all four (q, k, v, MLP) have arrived, then scores them in
+        one product: delta is read once per layer (the product is memory-bound), not once per port.
+        Rows the layer's q/k/v cannot receive from (its own heads) are zeroed by the edge mask at the end."""
+        parts = self.pending.setdefault(layer, {})
+        parts[first_receiver] = grads
+        if len(parts) < 4:
+            return
+        del self.pending[layer]
+        first = self.graph.q_index(layer, 0)
+        assert sorted(parts) == [first, self.graph.k_index(layer, 0), self.graph.v_index(layer, 0),
+                                 self.graph.mlp_in_index(layer)]
+        stacked = torch.cat([parts[key] for key in sorted(parts)])
+        self.accumulate_block(first, self.graph.mlp_index(layer), stacked)
+
+    def accumulate_block(self, first_receiver: int, n_senders: int, grads: torch.Tensor) -> None:
+        """scores[rows within the first n_senders, receivers] += weight * delta . grads, over real positions."""
+        lo, hi = self.rows[0], min(self.rows[1], n_senders)
+        if lo >= hi or self.delta is None:
+            return
+        senders = self.delta[lo:hi].flatten(1)
+        masked = (grads.float() * self.position_mask).flatten(1)
+        self.scores[lo:hi, first_receiver: first_receiver + grads.shape[0]] += self.weight * (senders @ masked.T)
+
+    def _port_grad(self, layer: int, port: str) -> Callable:
+        w = dict(zip("qkv", self.arch.qkv_weights(self.model, layer)))[port]
+        g = self.graph
+        first = {"q": g.q_index(layer, 0), "k": g.k_index(layer, 0), "v": g.v_index(layer, 0)}[port]
+        norm = self.arch.ln_attn(self.model, layer)
+
+        def on_grad(grad: torch.Tensor) -> None:
+            normed = torch.einsum("bphe,hde->hbpd", grad, w.detach())
+            resid = self.resid[layer].unsqueeze(0).expand(normed.shape[0], -1, -1, -1).clone().requires_grad_(True)
+            with torch.enable_grad():
+                (pre_norm,) = torch.autograd.grad(norm(resid), resid, normed)
+            self.collect(layer, first, pre_norm)
+
         def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            # a fresh tensor, so only this receiver's uses (not e.g. the residual skip) reach the hook
-            act = act.clone()
-            act.register_hook(lambda g: self.grads.__setitem__(key, g))
+            act = act.clone()  # a fresh tensor: only this projection's use reaches the hook
+            act.register_hook(on_grad)
+            return act
+
+        return fn
+
+    def _whole_grad(self, receiver: int, layer: int | None) -> Callable:
+        """An MLP input (layer given: collected with its layer) or the logits (scored at once)."""
+        def on_grad(grad: torch.Tensor) -> None:
+            if layer is None:
+                self.accumulate(receiver, grad.unsqueeze(0))
+            else:
+                self.collect(layer, receiver, grad.unsqueeze(0))
+
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            act = act.clone()  # not the residual skip's use, only the norm's
+            act.register_hook(on_grad)
             return act
 
         return fn
@@ -48,46 +124,120 @@ class ReceiverGrads:
         hooks: list[tuple[str, Callable]] = [("hook_embed", lambda act, hook: act.detach().requires_grad_(True))]
         for layer in range(self.arch.n_layers):
             hooks.append((f"blocks.{layer}.ln1.hook_in", self._keep_resid(layer)))
-            for port in ("q", "k", "v"):
-                hooks.append((f"blocks.{layer}.attn.hook_{port}", self._keep_grad(f"{layer}.{port}")))
-            hooks.append((f"blocks.{layer}.ln2.hook_in", self._keep_grad(f"{layer}.mlp")))
-        hooks.append(("ln_final.hook_in", self._keep_grad("logits")))
+            hooks += [(f"blocks.{layer}.attn.hook_{port}", self._port_grad(layer, port)) for port in "qkv"]
+            hooks.append((f"blocks.{layer}.ln2.hook_in", self._whole_grad(self.graph.mlp_in_index(layer), layer)))
+        hooks.append(("ln_final.hook_in", self._whole_grad(self.graph.logits_index, None)))
         return hooks
 
-    def attention_input_grads(self, model: torch.nn.Module, layer: int) -> torch.Tensor:
-        """[H + 2K, B, P, D]: gradient at each q (per head), k and v (per kv group) input, pre-norm."""
-        w_q, w_k, w_v = self.arch.qkv_weights(model, layer)
-        normed = torch.cat([
-            torch.einsum("bphe,hde->hbpd", self.grads[f"{layer}.{port}"], w)
-            for port, w in (("q", w_q), ("k", w_k), ("v", w_v))
-        ])
-        resid = self.resid[layer].unsqueeze(0).expand(normed.shape[0], -1, -1, -1).clone().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.arch.ln_attn(model, layer)(resid)
-            (grad,) = torch.autograd.grad(out, resid, normed)
-        return grad
 
-    def stacked(self, model: torch.nn.Module, graph: Graph) -> torch.Tensor:
-        """[n_receivers, B, P, D] in the graph's receiver order."""
-        parts = []
-        for layer in range(self.arch.n_layers):
-            parts.append(self.attention_input_grads(model, layer))
-            parts.append(self.grads[f"{layer}.mlp"].unsqueeze(0))
-        parts.append(self.grads["logits"].unsqueeze(0))
-        return torch.cat(parts)
+def add_hook(shift: torch.Tensor) -> Callable:
+    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return act + shift.to(act.dtype)
+
+    return fn
 
 
-def eap_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch) -> torch.Tensor:
-    """Edge scores [n_upstream, n_receivers] (zero where no edge exists)."""
-    with torch.no_grad():
-        _, corrupt = run_capture(bridge, graph, arch, model, batch.corrupt_ids, batch.attention_mask)
-    receivers = ReceiverGrads(arch)
+def _clean_pass(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+                metric: Metric, acc: EdgeScoreAccumulator, ablated: torch.Tensor,
+                extra_hooks: list[tuple[str, Callable]] | None = None) -> None:
+    """The clean forward+backward: records the clean sender outputs, sets delta, accumulates its gradient."""
     with torch.enable_grad():
         logits, clean = run_capture(bridge, graph, arch, model, batch.clean_ids, batch.attention_mask,
-                                    extra_hooks=receivers.hooks())
-        answer_logprob(logits, batch).sum().backward()
-    with torch.no_grad():
-        grads = receivers.stacked(model, graph) * batch.attention_mask[None, :, :, None]
-        delta = (corrupt - clean).flatten(1)
-        scores = delta.float() @ grads.flatten(1).float().T
-        return scores * graph.edge_mask.to(scores.device)
+                                    extra_hooks=acc.hooks() + (extra_hooks or []))
+        acc.delta = (ablated - clean).float()
+        del clean
+        metric.prepare(batch, clean_logits=logits.detach())
+        metric(logits, batch).sum().backward()
+
+
+def _gradient_pass(bridge: Any, batch: PairBatch, metric: Metric, hooks: list[tuple[str, Callable]]) -> None:
+    with torch.enable_grad():
+        logits = bridge.run_with_hooks(batch.clean_ids, fwd_hooks=hooks, attention_mask=batch.attention_mask)
+        metric(logits, batch).sum().backward()
+
+
+def _setup(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+           metric: str | Metric, ablation: str, reference: PairBatch | None
+           ) -> tuple[torch.Tensor, Metric, EdgeScoreAccumulator, torch.Tensor]:
+    ablated, corrupt_logits = ablated_outputs(bridge, graph, arch, model, batch, ablation, reference)
+    prepared = prepared_metric(bridge, batch, metric, corrupt_logits=corrupt_logits)
+    scores = torch.zeros(graph.n_upstream, graph.n_receivers, device=batch.clean_ids.device)
+    return ablated, prepared, EdgeScoreAccumulator(arch, graph, model, scores, batch.attention_mask), scores
+
+
+def eap_ig_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+                  steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "logprob", ablation: str = "corrupted",
+                  reference: PairBatch | None = None) -> torch.Tensor:
+    """EAP-IG over the input embeddings (m = steps); steps=1 is plain EAP. [n_upstream, n_receivers]."""
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    ablated, prepared, acc, scores = _setup(bridge, model, arch, graph, batch, metric, ablation, reference)
+    acc.weight = 1.0 / steps
+    _clean_pass(bridge, model, arch, graph, batch, prepared, acc, ablated)  # k = m
+    del ablated
+    input_delta = acc.delta[0]
+    for k in range(1, steps):
+        _gradient_pass(bridge, batch, prepared, acc.hooks() + [("hook_embed", add_hook((1 - k / steps) * input_delta))])
+    return scores * graph.edge_mask.to(scores.device)
+
+
+def eap_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+               metric: str | Metric = "logprob", ablation: str = "corrupted",
+               reference: PairBatch | None = None) -> torch.Tensor:
+    """EAP edge scores [n_upstream, n_receivers] (zero where no edge exists)."""
+    return eap_ig_scores(bridge, model, arch, graph, batch, 1, metric, ablation, reference)
+
+
+def sender_blocks(graph: Graph) -> list[tuple[str, tuple[int, int]]]:
+    """(output hook, sender rows) for the input and each layer's heads and MLP."""
+    blocks = [("hook_embed", (0, 1))]
+    for layer in range(graph.n_layers):
+        blocks.append((f"blocks.{layer}.hook_attn_out", (graph.head_index(layer, 0), graph.mlp_index(layer))))
+        blocks.append((f"blocks.{layer}.hook_mlp_out", (graph.mlp_index(layer), graph.mlp_index(layer) + 1)))
+    return blocks
+
+
+def eap_ig_activation_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+                             steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "logprob",
+                             ablation: str = "corrupted", reference: PairBatch | None = None) -> torch.Tensor:
+    """EAP-IG over each layer block's activations. [n_upstream, n_receivers]."""
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    ablated, prepared, acc, scores = _setup(bridge, model, arch, graph, batch, metric, ablation, reference)
+    acc.weight = 1.0 / steps
+    _clean_pass(bridge, model, arch, graph, batch, prepared, acc, ablated)  # k = m, every block at once
+    del ablated
+    for hook_name, rows in sender_blocks(graph):
+        acc.rows = rows
+        block_delta = acc.delta[rows[0]: rows[1]].sum(0)  # the block's total (ablated - clean) output
+        for k in range(1, steps):
+            _gradient_pass(bridge, batch, prepared, acc.hooks() + [(hook_name, add_hook((1 - k / steps) * block_delta))])
+    return scores * graph.edge_mask.to(scores.device)
+
+
+def node_scores(edge_scores: torch.Tensor) -> torch.Tensor:
+    """[n_upstream]: a sender's score as a unit, delta_u . d metric / d out_u = the sum of its outgoing edges."""
+    return edge_scores.sum(1)
+
+
+def attribute(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+              method: str = "eap", metric: str | Metric = "logprob", ablation: str = "corrupted",
+              reference: PairBatch | None = None, steps: int = DEFAULT_IG_STEPS, level: str = "edge") -> torch.Tensor:
+    """Edge scores [n_upstream, n_receivers] (level='edge') or node scores [n_upstream] (level='node')."""
+    if level not in ("edge", "node"):
+        raise ValueError(f"level must be 'edge' or 'node', not '{level}'")
+    common = dict(metric=metric, ablation=ablation, reference=reference)
+    if method == "exact":
+        from circuits.exact import exact_edge_scores, exact_node_scores
+
+        fn = exact_node_scores if level == "node" else exact_edge_scores
+        return fn(bridge, model, arch, graph, batch, **common)
+    if method == "eap":
+        scores = eap_scores(bridge, model, arch, graph, batch, **common)
+    elif method == "eap-ig":
+        scores = eap_ig_scores(bridge, model, arch, graph, batch, steps, **common)
+    elif method == "eap-ig-activations":
+        scores = eap_ig_activation_scores(bridge, model, arch, graph, batch, steps, **common)
+    else:
+        raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    return node_scores(scores) if level == "node" else scores

@@ -3,6 +3,10 @@
 Each receiver reads  x + sum_{u outside circuit} (corrupted_u - current_u),  where x
 is its actual input in the patched run and current_u is sender u's output in that
 same run. With every edge kept this is the clean run; with none, the corrupted run.
+`corrupted_u` is whatever the ablation gives (circuits/ablation.py): the corrupted prompt's
+output (default), the reference-set mean, or zero. Faithfulness is normalised as
+(circuit - ablated) / (clean - ablated) (Yao et al. 2024; MIB), where "ablated" is the run with
+every edge ablated: the corrupted run for corrupted patching, the all-edges-patched run otherwise.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from typing import Any, Callable
 import torch
 
 from bench.arch import ArchSpec
-from circuits.activations import PairBatch, SenderCapture, answer_logprob, embed_hooks, head_outputs, run_capture
+from circuits.ablation import ablated_outputs
+from circuits.activations import PairBatch, SenderCapture, embed_hooks
 from circuits.graph import Graph
+from circuits.metrics import Metric, prepared_metric
 
 
 class EdgePatcher(SenderCapture):
@@ -87,12 +93,17 @@ def patched_logits(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: G
 
 @torch.no_grad()
 def circuit_metrics(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
-                    keep: torch.Tensor) -> dict[str, float]:
-    """Clean, corrupted and circuit metric (mean over rows) and normalised faithfulness."""
-    clean_logits, _ = run_capture(bridge, graph, arch, model, batch.clean_ids, batch.attention_mask)
-    corrupt_logits, corrupt = run_capture(bridge, graph, arch, model, batch.corrupt_ids, batch.attention_mask)
-    circuit_logits = patched_logits(bridge, model, arch, graph, batch, keep, corrupt)
-    values = torch.stack([answer_logprob(x, batch).mean() for x in (clean_logits, corrupt_logits, circuit_logits)])
+                    keep: torch.Tensor, metric: str | Metric = "logprob", ablation: str = "corrupted",
+                    reference: PairBatch | None = None) -> dict[str, float]:
+    """Clean, ablated ("corrupted") and circuit metric (mean over rows) and normalised faithfulness."""
+    clean_logits = bridge.run_with_hooks(batch.clean_ids, fwd_hooks=[], attention_mask=batch.attention_mask)
+    ablated, corrupt_logits = ablated_outputs(bridge, graph, arch, model, batch, ablation, reference)
+    if corrupt_logits is None:
+        corrupt_logits = patched_logits(bridge, model, arch, graph, batch, torch.zeros_like(keep), ablated)
+    measure = prepared_metric(bridge, batch, metric, clean_logits=clean_logits,
+                              corrupt_logits=corrupt_logits if ablation == "corrupted" else None)
+    circuit_logits = patched_logits(bridge, model, arch, graph, batch, keep, ablated)
+    values = torch.stack([measure(x, batch).mean() for x in (clean_logits, corrupt_logits, circuit_logits)])
     clean, corrupted, circuit = values.tolist()
     denom = clean - corrupted
     faith = (circuit - corrupted) / denom if abs(denom) > 1e-9 else float("nan")

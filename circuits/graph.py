@@ -3,12 +3,25 @@
 Upstream nodes (senders) are the input embedding, every attention head (one per
 query head) and every MLP. Receivers are each head's q, k and v inputs, each
 MLP's input and the logits. An edge joins a sender to every receiver that reads
-the residual stream after it.
+the residual stream after it. A node-level view (heads and MLPs as units) is the
+sender rows of this graph: a node's score is the sum of its outgoing edges' scores.
 
-Grouped-query attention (Llama, SmolLM2, TinyLlama): a key/value head is shared
-by `n_heads / n_kv_heads` query heads, so its k and v inputs are one receiver per
-key/value group, named `a{l}.kv{g}<k>`; with ordinary multi-head attention the
-group is the head and the name is `a{l}.h{h}<k>`.
+Grouped-query attention (Llama, SmolLM2, TinyLlama) is handled per query head:
+every query head is its own sender and has its own q receiver, but a key/value
+head is shared by `n_heads / n_kv_heads` query heads, so its k and v inputs are
+ONE receiver per key/value group, named `a{l}.kv{g}<k>` / `a{l}.kv{g}<v>`. Query
+head h belongs to group h // (n_heads / n_kv_heads) (the Hugging Face
+`repeat_kv` layout). The k/v receiver's gradient is the sum of the gradients
+that reach it from all query heads of its group, so an edge u -> a{l}.kv{g}<k>
+scores u's effect on the keys that all of those heads read. For pruning and for
+node-level circuits the receiver belongs to every query head of its group
+(`receiver_owners`). With ordinary multi-head attention the group is the head
+and the name is `a{l}.h{h}<k>`. EAP-IG instead ungroups key/value heads (one k
+and v receiver per query head); `Graph(L, H, H)` counts that graph's edges.
+
+Edge counts (formula in `n_edges`): with S(l) = 1 + l (H + 1) senders before
+layer l, each layer's q/k/v receivers have S(l) incoming edges, its MLP S(l) + H,
+and the logits S(L); GPT-2 small has 32,491 edges, GPT-2 medium 231,877.
 """
 
 from __future__ import annotations
@@ -68,6 +81,10 @@ class Graph:
     def logits_index(self) -> int:
         return self.n_receivers - 1
 
+    def group_of(self, head: int) -> int:
+        """The key/value group that query head `head` reads (Hugging Face repeat_kv layout)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
     def kv_node(self, layer: int, group: int) -> str:
         return f"a{layer}.h{group}" if self.n_kv_heads == self.n_heads else f"a{layer}.kv{group}"
 
@@ -85,6 +102,39 @@ class Graph:
     def receiver_nodes(self) -> list[str]:
         """The node each receiver belongs to (strips the <q>/<k>/<v> port)."""
         return [name.split("<")[0] for name in self.receiver_names]
+
+    @cached_property
+    def receiver_owners(self) -> torch.Tensor:
+        """[n_receivers, n_upstream + 1] bool: the node(s) a receiver feeds; column n_upstream is the logits.
+
+        A q receiver and the MLP input belong to one node; a grouped k/v receiver belongs to
+        every query head of its group."""
+        owners = torch.zeros(self.n_receivers, self.n_upstream + 1, dtype=torch.bool)
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                node = self.head_index(layer, head)
+                group = self.group_of(head)
+                owners[[self.q_index(layer, head), self.k_index(layer, group), self.v_index(layer, group)], node] = True
+            owners[self.mlp_in_index(layer), self.mlp_index(layer)] = True
+        owners[self.logits_index, self.n_upstream] = True
+        return owners
+
+    def senders_before(self, receiver: int) -> int:
+        """How many senders (a prefix of the sender order) can feed `receiver`."""
+        if receiver == self.logits_index:
+            return self.n_upstream
+        layer = receiver // self.receivers_per_layer
+        return self.mlp_index(layer) if receiver == self.mlp_in_index(layer) else self.head_index(layer, 0)
+
+    @classmethod
+    def from_config(cls, config, group_kv: bool = True) -> "Graph":
+        """The graph of a Hugging Face config (no weights); group_kv=False counts EAP-IG's ungrouped graph."""
+        from types import SimpleNamespace
+
+        from bench.arch import arch_of
+
+        arch = arch_of(SimpleNamespace(config=config))
+        return cls(arch.n_layers, arch.n_heads, arch.n_kv_heads if group_kv else arch.n_heads)
 
     # --- edges ---------------------------------------------------------------------
     @cached_property

@@ -61,6 +61,7 @@ class Editor:
 
 
 _REGISTRY: dict[str, type[Editor]] = {}
+UNAVAILABLE: dict[str, str] = {}  # optional editors whose extra is not installed -> how to install it
 _DISCOVERED = False
 
 
@@ -91,14 +92,19 @@ def registry() -> dict[str, type[Editor]]:
 def get_editor(name: str) -> type[Editor]:
     editors = registry()
     if name not in editors:
+        if name in UNAVAILABLE:
+            raise EditorError(f"editor '{name}' is not installed: {UNAVAILABLE[name]}")
         raise EditorError(f"unknown editor '{name}'; valid: {', '.join(editors)}")
     return editors[name]
 
 
 def hparams_candidates(editor: str, model_name: str, family: str) -> list[Path]:
-    """Lookup order: exact model name (last path part, lower case), then the architecture family."""
+    """Lookup order: exact model name (last path part, lower case), then the architecture family.
+
+    A namespaced editor 'easyedit:rome' reads the files of the method after the colon ('rome').
+    """
     stem = model_name.rstrip("/").split("/")[-1].lower()
-    folder = HPARAMS_DIR / editor
+    folder = HPARAMS_DIR / editor.split(":")[-1]
     return [folder / f"{stem}.yaml", folder / f"{family}.yaml"]
 
 
@@ -120,4 +126,7 @@ def load_hparams(editor: str, model_name: str, family: str, override: str | None
         raise EditorError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}")
     if not isinstance(data, dict):
         raise EditorError(f"{path}: expected a mapping of hyperparameters")
+    if "alg_name" in data:  # an EasyEdit hyperparameter file
+        from editors._easyedit_hparams import from_easyedit
+        data = from_easyedit(data, editor, family, str(path))
     return data, str(path)

@@ -334,8 +334,8 @@ def test_load_dataset_detects_builtin_file(tmp_path: Path) -> None:
 def test_unknown_dataset_lists_valid_names() -> None:
     with pytest.raises(DatasetError) as err:
         load_dataset("no-such-dataset")
-    assert str(err.value) == ("unknown dataset 'no-such-dataset'; valid names: counterfact, facts "
-                              "(or pass a path to a .json/.jsonl file)")
+    assert str(err.value) == ("unknown dataset 'no-such-dataset'; valid names: counterfact, facts, knowedit, "
+                              "mquake, zsre, lre:<relation> (or pass a path to a .json/.jsonl file)")
 
 
 def test_registered_dataset_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,6 +118,8 @@ def test_end_to_end_tiny_run_writes_the_contract(tmp_path, monkeypatch, device):
     assert summary["n_cases"] == len(ok)
     expected_es = sum(r["post"]["efficacy_score"] for r in ok) / len(ok)
     assert summary["efficacy_score"] == pytest.approx(expected_es)
+    es = summary["metrics"]["efficacy_score"]
+    assert es["family"] == "counterfact" and es["n"] == len(ok) and es["mean"] == pytest.approx(expected_es)
     assert len(list((run_dir / "circuits").glob("*.json"))) == 2 * len(ok)
     assert main(["leaderboard", "--runs", str(out), "--output", str(tmp_path / "lb.md")]) == 0
     board = (tmp_path / "lb.md").read_text()

@@ -1,0 +1,76 @@
+"""Perplexity of held-out Wikipedia text: the side-effect drift of an edit on general text.
+
+    ppl = exp( Σ_texts Σ_{t≥1} −log p(x_t | x_<t) / Σ_texts (len − 1) )
+
+Token-weighted (every predicted token counts once, long texts weigh more than short ones), padding
+masked, each text cut to `max_len` tokens. The held-out texts are the *last* texts of the same offline
+Wikipedia corpus (sorted by title) whose *first* `mom2_n_samples` texts feed the key statistics
+(editors/keystats.py), so the two sets are disjoint as long as mom2_n_samples + n ≤ the corpus size
+(10,033 texts). The lifelong-editing papers (Gupta et al. 2024; Fang et al. 2025) report the same kind of
+general-text perplexity; they use other corpora and lengths, so the numbers are comparable only within
+this harness.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bench.corpus import wiki_texts
+from bench.tokens import prompt_ids
+
+DEFAULT_HELDOUT = 32
+
+
+def heldout_texts(n: int = DEFAULT_HELDOUT) -> list[str]:
+    """The last n texts of the offline Wikipedia corpus: fixed, and disjoint from the key-statistics texts."""
+    if n < 1:
+        raise ValueError(f"held-out text count must be at least 1; got {n}")
+    texts, _ = wiki_texts()
+    if n > len(texts):
+        raise ValueError(f"asked for {n} held-out texts; the corpus has {len(texts)}")
+    return texts[-n:]
+
+
+def overlaps_keystats(n_heldout: int, mom2_n_samples: int, corpus_size: int) -> bool:
+    """Whether the last n_heldout texts intersect the first mom2_n_samples ones."""
+    return min(mom2_n_samples, corpus_size) + n_heldout > corpus_size
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def token_nll_sum(model: torch.nn.Module, tokenizer, device: torch.device | str, texts: list[str],
+                  max_len: int = 128, batch_size: int = 8) -> tuple[float, int]:
+    """(Σ −log p(x_t | x_<t) over all predicted tokens, their count), right padding masked out."""
+    rows = [r for r in (prompt_ids(tokenizer, t)[:max_len] for t in texts) if len(r) >= 2]
+    rows.sort(key=len)  # similar lengths per batch: less padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for start in range(0, len(rows), batch_size):
+        ids, mask = _padded(rows[start: start + batch_size], pad, device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        predicted = mask[:, 1:].bool()  # right padding: target t is real iff position t is
+        total -= logp[predicted].double().sum()
+        count += int(predicted.sum())
+    return float(total), count
+
+
+def wiki_perplexity(model: torch.nn.Module, tokenizer, device: torch.device | str, texts: list[str],
+                    max_len: int = 128, batch_size: int = 8) -> float:
+    """Token-weighted perplexity of `texts` (each cut to max_len tokens)."""
+    nll, count = token_nll_sum(model, tokenizer, device, texts, max_len, batch_size)
+    if count == 0:
+        raise ValueError("perplexity needs at least one text of two or more tokens")
+    return math.exp(nll / count)

@@ -1,0 +1,93 @@
+"""AlphaEdit: null-space constrained knowledge editing (Fang et al., ICLR 2025), batched.
+
+MEMIT's targets, keys and residual spread (editors/memit.py), with each layer's update confined to
+the null space of the preserved-knowledge keys K₀:
+
+- Projection (paper §3.2, eq. 8-9): C = E[k kᵀ] over the corpus (the same key statistics as MEMIT,
+  editors/keystats.py) = U Λ Uᵀ; Û = the eigenvectors whose eigenvalue is below
+  `nullspace_threshold` (an absolute threshold, as the paper's 2e-2 on GPT-2 XL / Llama3); P = Û Ûᵀ.
+  Then ‖P k‖² averages to Σ(eigenvalues kept) over corpus keys, so ΔW P K₀ ≈ 0.
+- Update (eq. 14, with its αI written `L2` as in the reference code):
+      ΔW_l = R_l K_lᵀ P (K_p K_pᵀ P + K_l K_lᵀ P + L2 · I)⁻¹,
+  K_p the keys of the edits already made (sequential editing, eq. 13), accumulated per layer after
+  every apply() from the edited model and cleared by undo(). The rows of ΔW_l lie in range(P).
+  `mom2_update_weight` plays no part: P removes C's range, so λ C would vanish from the solve.
+Differences from the original code: those of editors/memit.py for z and the keys; P comes from a
+symmetric eigendecomposition (eigh) rather than an SVD of C (the same thing for a PSD matrix).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from editors._locate import keys_and_residual
+from editors.base import EditOutcome, EditorError, register
+from editors.memit import Memit
+
+if TYPE_CHECKING:
+    from bench.data import EditCase
+    from bench.models import ModelBundle
+
+
+def nullspace_projector(c: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = Û Ûᵀ over the eigenvectors of C with eigenvalue < threshold (float64)."""
+    values, vectors = torch.linalg.eigh(c.double())
+    kept = vectors[:, values < threshold]
+    if kept.shape[1] == 0:
+        raise EditorError(f"alphaedit: no eigenvalue of C is below nullspace_threshold {threshold} "
+                          f"(smallest {float(values[0]):.3g}); raise the threshold")
+    return kept @ kept.T
+
+
+def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
+                     previous: torch.Tensor, l2: float) -> torch.Tensor:
+    """ΔW = R Kᵀ P (S P + L2 I)⁻¹ with S = K Kᵀ + K_p K_pᵀ, in float64 (computed as a transposed solve)."""
+    k, r, p = keys.double(), resid.double(), projector.double()
+    s = k @ k.T + previous.double()
+    eye = torch.eye(p.shape[0], dtype=torch.float64, device=p.device)
+    return torch.linalg.solve(p @ s + l2 * eye, p @ k @ r.T).T
+
+
+@register("alphaedit")
+class AlphaEdit(Memit):
+    batched = True
+
+    def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
+        super().__init__(bundle, hparams)
+        if "nullspace_threshold" not in hparams:
+            raise EditorError("alphaedit: hyperparameter 'nullspace_threshold' is required")
+        self._projectors: dict[int, torch.Tensor] = {}
+        self._previous: dict[int, torch.Tensor] = {}  # K_p K_pᵀ per layer
+
+    def projector(self, layer: int) -> torch.Tensor:
+        if layer not in self._projectors:
+            self._projectors[layer] = nullspace_projector(self.covariances()[layer],
+                                                          float(self.hparams["nullspace_threshold"]))
+        return self._projectors[layer]
+
+    def nullspace_dims(self) -> dict[int, int]:
+        return {layer: int(round(float(torch.trace(self.projector(layer))))) for layer in self.layers}
+
+    def layer_update(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        d = self.bundle.arch.d_mlp
+        previous = self._previous.get(layer, torch.zeros(d, d, dtype=torch.float64, device=keys.device))
+        return alphaedit_update(keys, resid, self.projector(layer), previous, float(self.hparams.get("L2", 10.0)))
+
+    def apply(self, cases: list[EditCase]) -> EditOutcome:
+        for layer in self.layers:  # a bad threshold fails before any optimisation or weight change
+            self.projector(layer)
+        outcome = super().apply(cases)
+        outcome.stats.update({f"nullspace_dim_L{layer}": dim for layer, dim in self.nullspace_dims().items()})
+        return outcome
+
+    def after_apply(self, cases: list[EditCase]) -> None:
+        """K_p += the batch's keys as the edited model now computes them (reference code, eq. 13)."""
+        keys, _ = keys_and_residual(self.bundle, cases, self.prefixes(), list(self.layers), self.z_layer)
+        for layer, k in keys.items():
+            k = k.T  # [d_mlp, n]
+            self._previous[layer] = self._previous.get(layer, torch.zeros_like(k @ k.T)) + k @ k.T
+
+    def undo(self) -> None:
+        self._previous.clear()

@@ -1,0 +1,201 @@
+"""Aggregates with bootstrap intervals (checked against a hand-rolled bootstrap and a coverage
+experiment), metric families, and the leaderboard in its three formats with plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import main
+from bench.leaderboard import interval_cell, load_runs, latest_rows
+from bench.results import FAMILIES, bootstrap_interval, harmonic_of_means, summarize
+
+
+def hand_percentile_bootstrap(columns: list[np.ndarray], statistic, resamples: int, seed: int) -> tuple[float, float]:
+    """Resample case indices with replacement (jointly for all columns), take the 2.5/97.5 percentiles."""
+    rng = np.random.default_rng(seed)
+    n = len(columns[0])
+    values = np.empty(resamples)
+    for i in range(resamples):
+        idx = rng.integers(0, n, n)
+        values[i] = statistic(*[c[idx] for c in columns])
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def test_interval_matches_a_hand_rolled_percentile_bootstrap():
+    data = np.random.default_rng(7).normal(0.4, 1.0, size=25)
+    ours = bootstrap_interval([data], np.mean)
+    hand = hand_percentile_bootstrap([data], np.mean, 20000, seed=123)
+    # Monte Carlo error of each endpoint is ~0.006 here (9,999 and 20,000 resamples)
+    assert ours == pytest.approx(hand, abs=0.03)
+    assert ours[0] < data.mean() < ours[1]
+
+
+def test_score_interval_resamples_cases_jointly():
+    rng = np.random.default_rng(3)
+    es, ps, ns = (rng.uniform(0.2, 1.0, size=15) for _ in range(3))
+
+    def s_of_means(a, b, c):
+        means = [a.mean(), b.mean(), c.mean()]
+        return 3 / sum(1 / m for m in means)
+
+    ours = bootstrap_interval([es, ps, ns], harmonic_of_means)
+    hand = hand_percentile_bootstrap([es, ps, ns], s_of_means, 20000, seed=5)
+    # endpoint Monte Carlo error ~0.002; a 90% interval would differ by ~0.02
+    assert ours == pytest.approx(hand, abs=0.008)
+
+
+def test_interval_covers_a_known_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(11)
+    trials, hits = 300, 0
+    for _ in range(trials):
+        low, high = bootstrap_interval([rng.normal(2.0, 1.0, size=40)], np.mean, n_resamples=1999)
+        hits += low <= 2.0 <= high
+    # the percentile bootstrap at n=40 covers ~94%; three binomial standard errors either side
+    assert 0.89 <= hits / trials <= 0.99
+
+
+def test_degenerate_samples():
+    assert bootstrap_interval([[0.7]], np.mean) is None
+    assert bootstrap_interval([[1.0, 1.0, 1.0]], np.mean) == (1.0, 1.0)
+    summary = summarize([{"status": "ok", "drift_kl": 0.5}])
+    assert summary["metrics"]["drift_kl"] == {"family": "drift", "label": "KL", "mean": 0.5, "n": 1, "ci_low": None,
+                                              "ci_high": None, "higher_is_better": False}
+
+
+def record(es: float, ps: float, ns: float, p_pre: float, p_post: float, **extra) -> dict:
+    post = {"efficacy_score": es, "paraphrase_score": ps, "neighborhood_score": ns, "efficacy_magnitude": es - 0.5,
+            "paraphrase_magnitude": 0.1, "neighborhood_magnitude": 0.2, "p_new": p_post, "p_true": 0.1}
+    return {"status": "ok", "pre": {"p_new": p_pre}, "post": post, "drift_kl": 0.1 * es, "seconds_edit": 2.0, **extra}
+
+
+def test_summarize_families_hand_computed():
+    cases = [
+        record(1.0, 0.5, 1.0, 0.01, 0.9, post_easyedit={"reliability": 1.0, "locality": 0.75,
+                                                       "portability": {"reasoning": 0.5, "aliasing": 1.0}},
+               post_generation={"generation_success": 1.0, "generation_entropy": 5.5},
+               ppl_pre=20.0, ppl_post=21.5, circuit_edge_jaccard=0.4, circuit_extra_overlap=0.3, circuit_note="x"),
+        record(0.0, 0.5, 0.5, 0.02, 0.02, post_easyedit={"reliability": 0.5, "locality": 1.0},
+               ppl_pre=20.0, ppl_post=20.5, circuit_edge_jaccard=0.2),
+        record(1.0, float("nan"), 1.0, 0.0, 0.5),  # NaN and an unusable p_pre are skipped
+        {"status": "failed", "reason": "boom"},
+    ]
+    s = summarize(cases)
+    m = s["metrics"]
+    assert s["n_cases"] == 3 and s["n_failed"] == 1
+    assert m["efficacy_score"]["mean"] == pytest.approx(2 / 3) and m["efficacy_score"]["n"] == 3
+    assert m["paraphrase_score"]["n"] == 2 and m["paraphrase_score"]["mean"] == pytest.approx(0.5)
+    # S is the harmonic mean of the means, over the cases that report all three
+    es, ps, ns = 0.5, 0.5, 0.75
+    assert m["score"]["mean"] == pytest.approx(3 / (1 / es + 1 / ps + 1 / ns)) and m["score"]["n"] == 2
+    assert m["log_p_new_lift"]["mean"] == pytest.approx((math.log(0.9 / 0.01) + 0.0) / 2)
+    assert m["portability"]["mean"] == pytest.approx(0.75) and m["portability"]["n"] == 1
+    assert m["locality"]["mean"] == pytest.approx(0.875)
+    assert m["ppl_delta"]["mean"] == pytest.approx((1.5 + 0.5) / 2) and m["ppl_delta"]["higher_is_better"] is False
+    assert m["generation_success"]["family"] == "generation" and m["generation_entropy"]["family"] == "counterfact"
+    assert "reference_score" not in m
+    assert m["circuit_extra_overlap"]["family"] == "circuit" and "circuit_note" not in m
+    assert s["efficacy_score"] == m["efficacy_score"]["mean"] and s["circuit_node_jaccard"] is None
+    # every aggregate belongs to exactly one family and nothing is averaged across families
+    assert {agg["family"] for agg in m.values()} <= set(FAMILIES)
+    assert not {"overall", "mean_score", "average"} & set(s)
+
+
+def test_interval_cell_format():
+    agg = {"mean": 0.9, "ci_low": 0.78, "ci_high": 1.0, "n": 5}
+    assert interval_cell(agg, 5) == "0.90 [0.78, 1.00]"
+    assert interval_cell(dict(agg, n=3), 5) == "0.90 [0.78, 1.00] (n=3)"
+    assert interval_cell({"mean": 206.4, "ci_low": None, "ci_high": None, "n": 1}, 1) == "206"
+    assert interval_cell(None, 5) == "–"
+
+
+# --- the leaderboard over run folders ---------------------------------------------------------
+
+def write_run(runs: Path, run_id: str, editor: str, model: str, dataset: str, finished: str,
+              cases: list[dict], sequential: list[dict] | None = None) -> None:
+    folder = runs / run_id
+    folder.mkdir(parents=True)
+    manifest = {"editor": editor, "model": {"name": model, "sha256": "ab" * 32}, "seed": 0, "device": "cpu",
+                "dataset": {"name": dataset, "sha256": "cd" * 32}, "commit": "0123456789abcdef" * 2 + "01234567",
+                "finished": finished, "mode": {"name": "sequential" if sequential else "single", "batch_size": 1}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
+    summary = dict(summarize(cases), editor=editor, model=model, dataset=dataset)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if sequential:
+        (folder / "sequential.jsonl").write_text("".join(json.dumps(p) + "\n" for p in sequential))
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    runs = tmp_path / "runs"
+    good = [record(1.0, 1.0, 1.0, 0.01, 0.9, circuit_edge_jaccard=0.3),
+            record(1.0, 0.5, 0.5, 0.01, 0.8, circuit_edge_jaccard=0.5),
+            record(0.0, 0.5, 1.0, 0.01, 0.05, circuit_edge_jaccard=0.4)]
+    write_run(runs, "r1-rome-old", "rome", "m1", "facts", "2026-01-01T00:00:00", [record(0.0, 0.0, 0.0, 0.1, 0.1)])
+    write_run(runs, "r2-rome-new", "rome", "m1", "facts", "2026-01-02T00:00:00", good)
+    write_run(runs, "r3-ft", "ft", "m1", "facts", "2026-01-02T00:00:00", [record(0.0, 0.0, 1.0, 0.1, 0.2)] * 2)
+    write_run(runs, "r4-ft-cf", "ft", "m1", "counterfact", "2026-01-03T00:00:00", [record(1.0, 1.0, 1.0, 0.1, 0.5)])
+    curve = [{"n_edits": k, "efficacy": 1.0 - 0.1 * k, "neighborhood": 0.9, "ppl": 20.0 + k} for k in (0, 1, 2)]
+    write_run(runs, "r5-rome-seq", "rome", "m1", "facts", "2026-01-04T00:00:00", good[:1], sequential=curve)
+    return runs
+
+
+def test_latest_run_per_editor_and_sequential_runs_are_not_rows(runs):
+    rows = latest_rows(load_runs(runs))
+    assert sorted((r.dataset, r.run_id) for r in rows) == [("counterfact", "r4-ft-cf"), ("facts", "r2-rome-new"),
+                                                          ("facts", "r3-ft")]
+
+
+def test_markdown_groups_intervals_and_provenance(runs, tmp_path, capsys):
+    out = tmp_path / "LB.md"
+    assert main(["leaderboard", "--runs", str(runs), "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Leaderboard\n\nGenerated from the run folders in")
+    assert f"`python -m bench leaderboard --runs {runs} --output {out}`" in text
+    assert "## m1 · facts" in text and "## m1 · counterfact" in text
+    expected = summarize([json.loads(line) for line in (runs / "r2-rome-new" / "cases.jsonl").read_text().splitlines()])
+    es = expected["metrics"]["efficacy_score"]
+    rome_line = next(line for line in text.splitlines() if line.startswith("| rome"))
+    assert f"{es['mean']:.2f} [{es['ci_low']:.2f}, {es['ci_high']:.2f}]" in rome_line
+    assert "| 3 " in rome_line  # n
+    assert "run `r2-rome-new`: model sha256 `abababababab`, dataset sha256 `cdcdcdcdcdcd`, harness commit " \
+           "`0123456789abcd`, device cpu" in text
+    assert "r1-rome-old" not in text and "r5-rome-seq" not in text
+    assert "**CounterFact**: ES, PS, NS, S" in text and "**Drift**: KL" in text
+
+
+def test_json_and_csv(runs, capsys):
+    assert main(["leaderboard", "--runs", str(runs), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    groups = {(g["model"], g["dataset"]): g for g in data["groups"]}
+    rome = next(r for r in groups[("m1", "facts")]["rows"] if r["editor"] == "rome")
+    assert rome["provenance"]["run_id"] == "r2-rome-new" and rome["metrics"]["score"]["n"] == 3
+    assert data["interval"]["confidence_level"] == 0.95
+    assert main(["leaderboard", "--runs", str(runs), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    es = [r for r in rows if r["editor"] == "rome" and r["metric"] == "efficacy_score"]
+    assert len(es) == 1 and float(es[0]["mean"]) == pytest.approx(2 / 3) and es[0]["family"] == "counterfact"
+    assert {r["run_id"] for r in rows} == {"r2-rome-new", "r3-ft", "r4-ft-cf"}
+
+
+def test_plots_are_written(runs, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    assert main(["leaderboard", "--runs", str(runs), "--plots", str(plots)]) == 0
+    names = {p.name for p in plots.iterdir()}
+    assert {"m1__facts__counterfact.png", "m1__facts__drift.png", "m1__facts__efficacy_vs_circuit.png",
+            "m1__facts__sequential.png", "m1__counterfact__counterfact.png"} <= names
+    assert "m1__counterfact__efficacy_vs_circuit.png" not in names  # no circuit fields there
+    assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+def test_missing_runs_folder_exits_2(tmp_path, capsys):
+    assert main(["leaderboard", "--runs", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error: runs folder")
