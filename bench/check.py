@@ -22,6 +22,7 @@ but missing from the baseline, and when a baseline editor is no longer registere
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import time
@@ -56,6 +57,7 @@ class Suite:
     device: str = "cpu"
     circuits: bool = False
     editors: list[str] | None = None  # None: every registered editor
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of registered editors left out
     hparams: dict[str, str] = field(default_factory=dict)  # editor -> YAML file
     run_options: dict[str, Any] = field(default_factory=dict)
     tolerance_scale: float = 1.0
@@ -94,13 +96,16 @@ def load_suite(path: Path) -> Suite:
     editors = raw.get("editors", "all")
     if editors != "all" and not (isinstance(editors, list) and all(isinstance(e, str) for e in editors)):
         raise ValueError(f"{path}: 'editors' must be 'all' or a list of editor names")
+    exclude = raw.get("exclude") or []
+    if not (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
+        raise ValueError(f"{path}: 'exclude' must be a list of editor-name patterns")
     if not isinstance(raw.get("hparams") or {}, dict):
         raise ValueError(f"{path}: 'hparams' must map editor names to YAML files")
     hparams = {name: str((path.parent / file).resolve()) for name, file in (raw.get("hparams") or {}).items()}
     return Suite(path=path, model=str(raw["model"]), dataset=str(raw["dataset"]), cases=cases,
                  metrics=_metric_tolerances(path, raw["metrics"]), seed=int(raw.get("seed", 0)),
                  device=str(raw.get("device", "cpu")), circuits=bool(raw.get("circuits", False)),
-                 editors=None if editors == "all" else editors, hparams=hparams,
+                 editors=None if editors == "all" else editors, exclude=exclude, hparams=hparams,
                  run_options=_run_options(path, raw.get("run") or {}),
                  tolerance_scale=float(raw.get("tolerance_scale", 1.0)))
 
@@ -132,9 +137,9 @@ def _run_options(path: Path, options: Any) -> dict[str, Any]:
 
 
 def roster(suite: Suite, registered: list[str]) -> list[str]:
-    """The editors the suite covers: its explicit list, else every registered editor."""
+    """The editors the suite covers: its explicit list, else every registered editor not excluded."""
     if suite.editors is None:
-        return list(registered)
+        return [e for e in registered if not any(fnmatch.fnmatchcase(e, pat) for pat in suite.exclude)]
     unknown = [e for e in suite.editors if e not in registered]
     if unknown:
         raise ValueError(f"{suite.path}: unknown editors {unknown}; registered: {', '.join(registered)}")

@@ -100,7 +100,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         for name, cls in registry().items():
             doc = (cls.__doc__ or "").strip().splitlines()
-            print(f"{name:12s} {doc[0] if doc else ''}")
+            print(f"{name:16s} {doc[0] if doc else ''}")
     elif args.what == "models":
         from bench.models import MODELS_HELP
 

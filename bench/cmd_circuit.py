@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.models import DEFAULT_MODEL
     from circuits.attribute import METHODS
     from circuits.circuit import DEFAULT_TOP_N
+    from circuits.relation import RELATION_TOP_N
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--relation", default=None, help="LRE relation name (../shared/data/lre/*/NAME.json) or a path")
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subject", default=None,
                         help="with --prompt: the span to corrupt (default: the last run of capitalised words)")
     parser.add_argument("--method", default="eap", choices=METHODS, help="attribution method (default eap)")
-    parser.add_argument("--top-n", type=int, default=DEFAULT_TOP_N, help=f"edges in the circuit (default {DEFAULT_TOP_N})")
+    parser.add_argument("--top-n", type=int, default=None,
+                        help=f"edges in the circuit (default {RELATION_TOP_N} for a relation, {DEFAULT_TOP_N} for one fact)")
     parser.add_argument("--output", default=None, help="output folder (default circuits-out/<relation or fact>)")
     parser.add_argument("--known-top-k", type=int, default=1,
                         help="keep facts whose answer's first token is in the model's top k (default 1; 0 keeps all)")
@@ -62,6 +65,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("give either --relation NAME|PATH or --prompt \"...\" --answer \"...\"")
     if args.prompt is not None and not args.answer:
         raise ValueError("--prompt needs --answer")
+    if args.top_n is None:
+        from circuits.circuit import DEFAULT_TOP_N
+        from circuits.relation import RELATION_TOP_N
+
+        args.top_n = RELATION_TOP_N if args.relation is not None else DEFAULT_TOP_N
     if args.top_n < 1:
         raise ValueError("--top-n must be at least 1")
     if not 0 < args.validation_fraction < 1:
@@ -112,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     from bench.models import load_model
     from circuits.draw import circuit_dot, render
     from circuits.layers import layer_view, plot_layers
-    from circuits.relation import build_relation_circuit
+    from circuits.relation import build_relation_circuit, facts_as_dicts
 
     _check(args)
     started = time.perf_counter()
@@ -128,6 +136,7 @@ def main(args: argparse.Namespace) -> int:
     view = layer_view(bundle, [f.prompt for f in facts], [f.subject for f in facts], [f.object for f in facts],
                       set(result.circuit.nodes))
     report = dict(result.report, source=source, model=bundle.provenance, layers=view,
+                  test_facts=facts_as_dicts(facts), command=" ".join(["python -m bench", *sys.argv[1:]]),
                   files=["circuit.json", "report.json", "circuit.svg", "circuit.png", "layers.png"])
     report["seconds"]["total"] = time.perf_counter() - started
     result.circuit.save(out / "circuit.json")

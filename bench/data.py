@@ -643,11 +643,10 @@ def load_lre(name_or_path: str, seed: int = 0) -> LoadedDataset:
     from bench.lre import load_relation  # bench.lre imports this module
 
     relation = load_relation(name_or_path)
-    cases, rejected = lre_cases(relation, seed)
-    for case in cases:
-        reason = validate_case(case)
-        if reason:
-            raise DatasetError(f"{relation.path}: case {case.case_id}: {reason}")
+    built, rejected = lre_cases(relation, seed)
+    cases: list[EditCase] = []
+    for case in built:
+        _finish(case, cases, rejected)
     return LoadedDataset(f"lre:{relation.name}", relation.path, relation.sha256, cases, rejected)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ class Relation:
     properties: dict[str, Any] = field(default_factory=dict)
     path: str = ""
     sha256: str = ""
+
+
+def unescape_unicode(text: str) -> str:
+    """Literal "\\u00e1" escapes left in some LRE strings (e.g. "Bogot\\u00e1") become the character."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text)
 
 
 def relation_names(root: Path = LRE_ROOT) -> list[str]:
@@ -67,7 +73,7 @@ def load_relation(name_or_path: str, root: Path = LRE_ROOT) -> Relation:
                 or not isinstance(sample.get("object"), str):
             raise DatasetError(f"{path}: sample {i}: needs string fields 'subject' and 'object'")
         if sample["subject"].strip() and sample["object"].strip():
-            pairs.append((sample["subject"].strip(), sample["object"].strip()))
+            pairs.append((unescape_unicode(sample["subject"].strip()), unescape_unicode(sample["object"].strip())))
     zero_shot = [t for t in data.get("prompt_templates_zs", []) if isinstance(t, str) and "{}" in t]
     return Relation(name=path.stem, title=str(data.get("name", path.stem)), prompt_templates=tuple(templates),
                     prompt_templates_zs=tuple(zero_shot), samples=tuple(pairs),

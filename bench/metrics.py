@@ -37,7 +37,6 @@ succeeds when the continuation contains target_new (case-insensitive).
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import Counter
@@ -141,25 +140,16 @@ def _greedy_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_arg = _cache_argument(model)
-    step_input, step_positions, past = ids, positions, None
     generated = []
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_input, attention_mask=mask, position_ids=step_positions,
-                    use_cache=True, **{cache_arg: past})
-        past = out[cache_arg]
-        step_input = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(step_input)
-        step_positions = step_positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
+    for _ in range(max_new_tokens):  # no KV cache: TransformerBridge-wrapped attention ignores it
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        step = logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(step)
+        ids = torch.cat([ids, step], dim=1)
+        mask = torch.cat([mask, torch.ones_like(step)], dim=1)
     tokens = torch.cat(generated, dim=1).tolist()
     return tokenizer.batch_decode(tokens, skip_special_tokens=True)
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """The KV-cache keyword of this transformers version: `cache` (5.x) or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def contains_target(continuation: str, target: str) -> bool:

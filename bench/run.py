@@ -415,7 +415,8 @@ def run_id(cfg: RunConfig) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     model = cfg.model.rstrip("/").split("/")[-1]
     dataset = Path(cfg.dataset).stem if "/" in cfg.dataset or cfg.dataset.endswith(".json") else cfg.dataset
-    return f"{stamp}-{cfg.editor}-{model}-{dataset}"
+    name = f"{stamp}-{cfg.editor}-{model}-{dataset}"
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)  # easyedit:rome, lre:x
 
 
 def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
@@ -423,7 +424,7 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     editor_cls = get_editor(cfg.editor)
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.dataset, seed=cfg.seed)
     log.info("loading: model %s on %s", cfg.model, cfg.device)
     bundle = load_model(cfg.model, cfg.device, cfg.dtype)
     hparams, hparams_path = load_hparams(cfg.editor, cfg.model, bundle.arch.family, cfg.hparams)

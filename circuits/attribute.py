@@ -18,7 +18,8 @@ summed over batch rows and real (unpadded) positions:
 A head's q/k/v input is the residual stream *before* its layer norm, as in EAP-IG's split-input graph;
 its gradient is the layer norm's vector-Jacobian product applied to the gradient that reaches that
 head's projection alone. Memory: scores are accumulated layer by layer during the backward pass, as each
-receiver's gradient arrives ([B, P, D] per receiver); only delta, [n_upstream, B, P, D], is kept whole.
+layer's receiver gradients arrive (one product per layer); only delta is kept whole, as [n_upstream, N, D]
+over the N live positions (real tokens where some sender's delta is non-zero).
 """
 
 from __future__ import annotations
@@ -43,12 +44,22 @@ class EdgeScoreAccumulator:
     def __init__(self, arch: ArchSpec, graph: Graph, model: torch.nn.Module, scores: torch.Tensor,
                  position_mask: torch.Tensor):
         self.arch, self.graph, self.model, self.scores = arch, graph, model, scores
-        self.position_mask = position_mask[None, :, :, None].float()  # [1, B, P, 1]
-        self.delta: torch.Tensor | None = None  # [n_upstream, B, P, D] float32, set before backward
+        self.position_mask = position_mask.flatten().bool()  # [B * P]
+        self.delta: torch.Tensor | None = None  # [n_upstream, N, D] float32 at the N live positions
+        self.live: torch.Tensor | None = None  # [N] indices into B * P
         self.rows = (0, graph.n_upstream)
         self.weight = 1.0
         self.resid: dict[int, torch.Tensor] = {}
         self.pending: dict[int, dict[int, torch.Tensor]] = {}
+
+    def set_delta(self, delta: torch.Tensor) -> None:
+        """Keeps delta [n_upstream, B, P, D] only at live positions: real (unpadded) tokens where some sender's
+        delta is non-zero (with corrupted-input patching, positions before the first corrupted token have
+        delta exactly 0). Dropping the others changes no score and shortens every product."""
+        flat = delta.flatten(1, 2)
+        moved = (flat != 0).any(dim=2).any(dim=0)
+        self.live = (self.position_mask & moved).nonzero().flatten()
+        self.delta = flat.index_select(1, self.live).float()
 
     def accumulate(self, first_receiver: int, grads: torch.Tensor) -> None:
         """grads [R, B, P, D]: gradients at receivers first_receiver .. first_receiver + R - 1."""
@@ -75,7 +86,7 @@ class EdgeScoreAccumulator:
         if lo >= hi or self.delta is None:
             return
         senders = self.delta[lo:hi].flatten(1)
-        masked = (grads.float() * self.position_mask).flatten(1)
+        masked = grads.flatten(1, 2).index_select(1, self.live).float().flatten(1)
         self.scores[lo:hi, first_receiver: first_receiver + grads.shape[0]] += self.weight * (senders @ masked.T)
 
     def _port_grad(self, layer: int, port: str) -> Callable:
@@ -121,6 +132,8 @@ class EdgeScoreAccumulator:
         return fn
 
     def hooks(self) -> list[tuple[str, Callable]]:
+        """The hooks for one forward+backward pass."""
+        self.pending = {}
         hooks: list[tuple[str, Callable]] = [("hook_embed", lambda act, hook: act.detach().requires_grad_(True))]
         for layer in range(self.arch.n_layers):
             hooks.append((f"blocks.{layer}.ln1.hook_in", self._keep_resid(layer)))
@@ -139,15 +152,20 @@ def add_hook(shift: torch.Tensor) -> Callable:
 
 def _clean_pass(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
                 metric: Metric, acc: EdgeScoreAccumulator, ablated: torch.Tensor,
-                extra_hooks: list[tuple[str, Callable]] | None = None) -> None:
-    """The clean forward+backward: records the clean sender outputs, sets delta, accumulates its gradient."""
+                summarize: Callable[[torch.Tensor], Any] = lambda delta: None) -> Any:
+    """The clean forward+backward: records the clean sender outputs, sets delta, accumulates its gradient.
+    Returns summarize(delta [n_upstream, B, P, D]), taken before the full delta is freed."""
     with torch.enable_grad():
         logits, clean = run_capture(bridge, graph, arch, model, batch.clean_ids, batch.attention_mask,
-                                    extra_hooks=acc.hooks() + (extra_hooks or []))
-        acc.delta = (ablated - clean).float()
+                                    extra_hooks=acc.hooks())
+        delta = ablated - clean
         del clean
+        acc.set_delta(delta)
+        summary = summarize(delta)
+        del delta
         metric.prepare(batch, clean_logits=logits.detach())
         metric(logits, batch).sum().backward()
+    return summary
 
 
 def _gradient_pass(bridge: Any, batch: PairBatch, metric: Metric, hooks: list[tuple[str, Callable]]) -> None:
@@ -173,9 +191,9 @@ def eap_ig_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Gr
         raise ValueError("steps must be at least 1")
     ablated, prepared, acc, scores = _setup(bridge, model, arch, graph, batch, metric, ablation, reference)
     acc.weight = 1.0 / steps
-    _clean_pass(bridge, model, arch, graph, batch, prepared, acc, ablated)  # k = m
+    input_delta = _clean_pass(bridge, model, arch, graph, batch, prepared, acc, ablated,
+                              lambda delta: delta[0].float().clone())  # k = m
     del ablated
-    input_delta = acc.delta[0]
     for k in range(1, steps):
         _gradient_pass(bridge, batch, prepared, acc.hooks() + [("hook_embed", add_hook((1 - k / steps) * input_delta))])
     return scores * graph.edge_mask.to(scores.device)
@@ -205,11 +223,13 @@ def eap_ig_activation_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec
         raise ValueError("steps must be at least 1")
     ablated, prepared, acc, scores = _setup(bridge, model, arch, graph, batch, metric, ablation, reference)
     acc.weight = 1.0 / steps
-    _clean_pass(bridge, model, arch, graph, batch, prepared, acc, ablated)  # k = m, every block at once
+    def block_totals(delta: torch.Tensor) -> list[tuple[str, tuple[int, int], torch.Tensor]]:
+        return [(hook, rows, delta[rows[0]: rows[1]].sum(0).float()) for hook, rows in sender_blocks(graph)]
+
+    blocks = _clean_pass(bridge, model, arch, graph, batch, prepared, acc, ablated, block_totals)  # k = m, all blocks
     del ablated
-    for hook_name, rows in sender_blocks(graph):
+    for hook_name, rows, block_delta in blocks:  # block_delta: the block's total (ablated - clean) output
         acc.rows = rows
-        block_delta = acc.delta[rows[0]: rows[1]].sum(0)  # the block's total (ablated - clean) output
         for k in range(1, steps):
             _gradient_pass(bridge, batch, prepared, acc.hooks() + [(hook_name, add_hook((1 - k / steps) * block_delta))])
     return scores * graph.edge_mask.to(scores.device)

@@ -177,7 +177,7 @@ def render(source: str, outputs: list[Path], timeout: float = 300.0) -> bool:
         return False
     for path in outputs:
         fmt = path.suffix.lstrip(".") or "svg"
-        extra = ["-Gdpi=72"] if fmt == "png" else []
+        extra = ["-Gdpi=72", "-Gsize=30,30"] if fmt == "png" else []  # raster capped at 2160 px; SVG is exact
         done = subprocess.run(["dot", f"-T{fmt}", *extra, "-o", str(path)], input=source, text=True,
                               capture_output=True, timeout=timeout)
         if done.returncode != 0:

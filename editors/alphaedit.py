@@ -52,6 +52,8 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.T
 
 @register("alphaedit")
 class AlphaEdit(Memit):
+    """AlphaEdit (Fang et al. 2025): MEMIT's update projected on the null space of the corpus keys."""
+
     batched = True
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):

@@ -31,6 +31,13 @@ What we hand to EasyEdit, per call (all undone afterwards):
   how the cross-check tests share them.
 - `requires_grad` flags are restored (EasyEdit's FT leaves the edited weights trainable); its prints go
   to the `bench` logger at debug level.
+- MEMIT's compute_z sees decoder-block outputs as 1-tuples (`tuple_block_nethook`): it was written for
+  blocks returning (hidden, ...), and transformers >= 4.54 blocks return the tensor.
+
+Known behaviours of the snapshot that we keep (the reference is run as shipped): its MEMIT always uses C
+(it ignores `mom2_adjustment`); its FT matches parameters by substring (the GPT-2 bias is tuned too)
+and scores every target token at the last prompt position; its KN tokenizes answers as given, so we
+pass them with their leading space, as they follow the prompt.
 """
 
 from __future__ import annotations
@@ -274,11 +281,18 @@ class EasyEditEditor(Editor):
         return [self.ee_hparams.rewrite_module_tmp.format(layer) + ".weight" for layer in self.layers()]
 
     def outcome(self, before: dict[str, torch.Tensor], cases: list[EditCase], **stats: Any) -> EditOutcome:
+        """The update norm of every touched tensor; `layers` are those of the tensors that changed."""
         params = dict(self.bundle.model.named_parameters())
         norms = torch.stack([(params[n].detach().float() - w).norm() for n, w in before.items()])
         values = norms.tolist()  # the one host sync
         stats.update({f"update_norm.{n}": v for n, v in zip(before, values)}, n_cases=len(cases))
-        return EditOutcome(layers=self.layers(), stats=stats)
+        changed = {name for name, v in zip(before, values) if v != 0}
+        layers = [layer for layer in self.layers()
+                  if any(name.startswith(self.layer_prefix(layer)) for name in changed)]
+        return EditOutcome(layers=layers, stats=stats)
+
+    def layer_prefix(self, layer: int) -> str:
+        return self.bundle.arch.mlp_out_weight_name(layer).rsplit(".", 1)[0]
 
     def snapshot(self, cases: list[EditCase]) -> dict[str, torch.Tensor]:
         params = dict(self.bundle.model.named_parameters())

@@ -33,6 +33,8 @@ def emmet_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weigh
 
 @register("emmet")
 class Emmet(Memit):
+    """EMMET (Gupta et al. 2024): batched ROME, the batch as equality constraints, over MEMIT's layers."""
+
     batched = True
 
     def layer_update(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ def target_nll(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
 
 @register("ft")
 class FineTuneL(Editor):
+    """FT-L: fine-tune one MLP output projection on the target tokens, L-infinity bound on the change."""
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         self.layers = [int(layer) for layer in hparams.get("layers", [])]

@@ -62,6 +62,8 @@ def norm_radius(value: Any) -> float | None:
 
 @register("ft-m")
 class FineTuneM(Editor):
+    """FT-M (EasyEdit): fine-tune one MLP output projection, loss on the target tokens only."""
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         self.layers = [int(layer) for layer in hparams.get("layers", [])]

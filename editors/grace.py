@@ -104,6 +104,8 @@ def original_module(module: torch.nn.Module) -> torch.nn.Module:
 
 @register("grace")
 class Grace(Editor):
+    """GRACE (Hartvigsen et al. 2023): key-value codebook with deferral radii at one MLP; no weight change."""
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         layers = hparams.get("layers", [])
@@ -213,7 +215,8 @@ class Grace(Editor):
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         self._install()
         per_case = [self.edit_one(case) for case in cases]
-        stats: dict[str, Any] = {k: sum(s[k] for s in per_case) / len(per_case) for k in per_case[0]} if per_case else {}
+        stats: dict[str, Any] = {k: sum(s[k] for s in per_case) / len(per_case) for k in per_case[0]} \
+            if per_case else {}
         assert self.codebook is not None
         stats.update(n_cases=len(cases), codebook_size=len(self.codebook))
         return EditOutcome(layers=[self.layer], stats=stats)

@@ -68,6 +68,8 @@ def demonstrations(case: EditCase, n_update: int, n_retain: int, skip_paraphrase
 
 @register("ike")
 class InContextEditor(Editor):
+    """IKE (Zheng et al. 2023): copy/update/retain demonstrations before every prompt; no weight change."""
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         self.n_update = int(hparams.get("n_update", 3))

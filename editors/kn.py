@@ -77,6 +77,8 @@ def refine(per_prompt: list[set[tuple[int, int]]], p: float) -> list[tuple[int, 
 
 @register("kn")
 class KnowledgeNeurons(Editor):
+    """Knowledge Neurons (Dai et al. 2022): IG attribution to MLP neurons, then their value slots edited."""
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         n = bundle.arch.n_layers

@@ -65,6 +65,8 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weigh
 
 @register("memit")
 class Memit(Editor):
+    """MEMIT (Meng et al. 2023): residual target spread over `layers`, batched least squares per layer."""
+
     batched = True
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):

@@ -38,6 +38,8 @@ def original_rome_update(w: torch.Tensor, c: torch.Tensor | None, left_key: torc
 
 @register("r-rome")
 class RRome(Rome):
+    """r-ROME (Gupta et al. 2024): ROME with the same k* in the update's numerator and denominator."""
+
     def update(self, w: torch.Tensor, c: torch.Tensor | None, key_rows: torch.Tensor,
                delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (the key that W + ΔW maps to v*, v*, ΔW float64); row 0 of key_rows is the bare prompt."""

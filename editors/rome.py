@@ -79,16 +79,18 @@ def rank_one_update(w: torch.Tensor, c: torch.Tensor | None, key: torch.Tensor,
 
 @register("rome")
 class Rome(Editor):
+    """ROME (Meng et al. 2022): rank-one update of one MLP output projection, k* over context prefixes."""
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         layers = hparams.get("layers", [])
         if len(layers) != 1:
-            raise EditorError(f"rome edits exactly one layer; got layers={layers}")
+            raise EditorError(f"{self.name} edits exactly one layer; got layers={layers}")
         if hparams.get("fact_token", "subject_last") != "subject_last":
-            raise EditorError("rome: only fact_token 'subject_last' is implemented")
+            raise EditorError(f"{self.name}: only fact_token 'subject_last' is implemented")
         loss_layer = int(hparams.get("v_loss_layer", -1))  # -1: the last layer
         if loss_layer not in (-1, bundle.arch.n_layers - 1):
-            raise EditorError(f"rome: v_loss_layer must be the last layer ({bundle.arch.n_layers - 1}) or -1")
+            raise EditorError(f"{self.name}: v_loss_layer must be the last layer ({bundle.arch.n_layers - 1}) or -1")
         self.layer = int(layers[0])
         self.history: list[RomeStep] = []
         self._prefixes: list[str] | None = None
@@ -129,6 +131,7 @@ class Rome(Editor):
         with torch.no_grad():
             w.add_(delta_w.to(w.dtype))
         self.history.append(RomeStep(case.case_id, self.layer, key, v_star, v0, delta_w.float()))
+        del self.history[:-1]  # only the latest step: a d_model x d_mlp matrix per edit adds up over long runs
         return {**stats, "v0_norm": v0.norm(), "v_star_norm": v_star.norm(), "key_norm": k_star.norm(),
                 "update_norm": delta_w.float().norm()}
 

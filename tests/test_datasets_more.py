@@ -227,7 +227,8 @@ def test_mquake_bad_rewrite_field(tmp_path: Path) -> None:
 def test_lre_country_capitals() -> None:
     loaded = load_dataset("lre:country_capital_city")
     relation = json.loads(LRE_CAPITALS.read_text("utf-8"))
-    capital = {s["subject"]: s["object"] for s in relation["samples"]}
+    # objects decoded independently: a second JSON pass turns the file's literal "\u00e1" into "á"
+    capital = {s["subject"]: json.loads(f'"{s["object"]}"') for s in relation["samples"]}
     assert loaded.name == "lre:country_capital_city" and len(loaded.cases) == 24 and loaded.rejected == []
     for case in loaded.cases:
         assert validate_case(case) is None
@@ -384,3 +385,29 @@ def test_dataset_descriptions_cover_every_name() -> None:
     described = dataset_descriptions()
     assert set(data.DATASETS) | {"lre:<relation>"} == set(described)
     assert "rome.baulab.info" in described["counterfact"] or "shared" in described["counterfact"]
+
+
+def test_lre_small_relation_rejects_with_reasons(tmp_path: Path) -> None:
+    relation = {"name": "tiny", "prompt_templates": ["{} is in"], "prompt_templates_zs": [],
+                "properties": {}, "samples": [{"subject": "Paris", "object": "France"},
+                                              {"subject": "Lyon", "object": "France"}]}
+    loaded = load_dataset(str(write_json(tmp_path, "tiny.json", relation)))
+    # both subjects share the only object: no other object can be the new target
+    assert loaded.cases == [] and [r for _, r in loaded.rejected] == [
+        "the relation has no other object to use as the new target"] * 2
+    relation["samples"].append({"subject": "Rome", "object": "Italy"})
+    loaded = load_dataset(str(write_json(tmp_path, "tiny.json", relation)))
+    by_subject = {c.subject: c for c in loaded.cases}
+    assert by_subject["Paris"].target_new == "Italy"
+    assert by_subject["Paris"].neighborhood == (("Lyon is in", "France"),)  # Rome answers Italy: left out
+    # Rome's new target is France, which both other subjects answer: no neighbour is left
+    assert "Rome" not in by_subject
+    assert loaded.rejected == [("tiny-2", "no neighbourhood prompts (NS and the drift KL need at least one)")]
+
+
+@needs_lre
+def test_lre_literal_unicode_escapes_are_decoded() -> None:
+    raw = LRE_CAPITALS.read_text("utf-8")
+    assert "Bogot\\\\u00e1" in raw  # the shared file double-escapes two capitals
+    objects = {c.target_true for c in load_dataset("lre:country_capital_city").cases}
+    assert {"Bogotá", "Brasília"} <= objects and not any("\\u" in o for o in objects)

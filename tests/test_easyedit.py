@@ -11,6 +11,7 @@ The hyperparameter-translation tests at the end need no EasyEdit install; the ot
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from editors.rome import subject_last_index
 
 TINY = ["tiny-gpt2", "tiny-llama"]
 TOLERANCE = 1e-3
-MISSING = ee.missing_requirements("rome") + ee.missing_requirements("kn")
+MISSING = sorted(set(ee.missing_requirements("rome") + ee.missing_requirements("kn")))
 needs_easyedit = pytest.mark.skipif(bool(MISSING), reason=f"EasyEdit reference not installed ({', '.join(MISSING)}); "
                                                           f"install with: {ee.INSTALL}")
 CASE = EditCase(case_id="t1", relation="P36", subject="France", prompt="The capital of {} is",
@@ -226,10 +227,11 @@ def test_ft_default_template_also_tunes_the_bias(cache: Path) -> None:
     names = editor.parameters_to_touch([CASE])
     assert set(names) == {weight, bias}
     saved = _weights(bundle, names)
-    editor.apply([_single_token_case(bundle)])
+    outcome = editor.apply([_single_token_case(bundle)])
     after = _weights(bundle, names)
     _restore(bundle, saved)
     assert not torch.equal(after[bias], saved[bias])
+    assert outcome.layers == hp["layers"] and outcome.stats[f"update_norm.{bias}"] > 0
     assert not any(p.requires_grad for p in bundle.model.parameters())  # EasyEdit's flags were undone
 
 
@@ -297,7 +299,6 @@ def test_kn_value_update_matches_native(cache: Path, name: str) -> None:
 def test_bench_run_with_an_easyedit_yaml(tmp_path: Path, corpus_file: Path, monkeypatch) -> None:
     """`bench run --editor easyedit:rome --hparams <EasyEdit's own YAML>` runs, scores and restores."""
     from bench.cli import main
-    import json
     monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))
     hp = dict(alg_name="ROME", model_name="tiny-gpt2", stats_dir="./data/stats", device=0, layers=[1],
               fact_token="subject_last", v_num_grad_steps=5, v_lr="5e-1", v_loss_layer=3, v_weight_decay=0.001,

@@ -178,7 +178,7 @@ def test_sequential_curve_points_and_bitwise_restore(tiny_model, tmp_path, monke
     points = run_sequential(tiny_model, editor, cases, ["France"], cfg, writer)
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)  # restored once, at the end
-    assert editor is not None and [p["n_edits"] for p in points] == [0, 2, 4, 5]
+    assert [p["n_edits"] for p in points] == [0, 2, 4, 5]
     on_disk = [json.loads(line) for line in (writer.dir / "sequential.jsonl").read_text().splitlines()]
     assert on_disk == json.loads(json.dumps(points))
     records = [json.loads(line) for line in writer.cases_path.read_text().splitlines()]

@@ -279,6 +279,7 @@ def test_run_case_reports_relation_circuit_change(tiny_model, tmp_path):
     cases = [EditCase(case_id=f"t-{s}", relation="element_symbol", subject=s, prompt="The chemical symbol for {} is",
                       target_true=t, target_new="Xx", paraphrases=(f"{s} has the symbol",),
                       neighborhood=(("The chemical symbol for Iron is", "Fe"),)) for s, t in (("Gold", "Au"), ("Silver", "Ag"))]
+    relation_circuits_for(tiny_model, cfg).top_n = 40  # a strict subset of the tiny graph's edges
     records = [run_case(tiny_model, NoOpEditor(tiny_model, {}), case, ["Gold", "Silver"], cfg, tmp_path) for case in cases]
     for record in records:
         assert record["status"] == "ok", record
@@ -288,4 +289,5 @@ def test_run_case_reports_relation_circuit_change(tiny_model, tmp_path):
     state = relation_circuits_for(tiny_model, cfg)
     assert list(state.pre) == ["element_symbol"]  # measured once for the two cases
     assert (tmp_path / "relation-element_symbol.pre.json").exists()
-    assert (tmp_path / "t-Gold.relation.post.json").exists()
+    post = Circuit.from_json(json.loads((tmp_path / "t-Gold.relation.post.json").read_text()))
+    assert len(post.edges) == 40 < post.n_graph_edges
