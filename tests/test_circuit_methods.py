@@ -13,7 +13,8 @@ from scipy.stats import spearmanr
 from transformers import GPT2Config, LlamaConfig
 
 from circuits.activations import PairBatch, answer_logprob
-from circuits.attribute import attribute, eap_ig_scores, eap_scores, node_scores
+import circuits.attribute as attribute_module
+from circuits.attribute import attribute, eap_ig_scores, eap_scores, node_scores, norm_parameters, norm_vjp
 from circuits.circuit import Circuit, discover
 from circuits.evaluate import circuit_metrics
 from circuits.exact import exact_edge_scores, exact_node_scores
@@ -115,6 +116,48 @@ def test_gqa_receiver_scores_equal_their_projection_derivatives(tiny_model):
     for port, index, receiver in checks:
         expected = _port_directional_derivative(bundle, batch, layer, port, index)
         assert scores[:, receiver].sum().item() == pytest.approx(expected, rel=1e-3, abs=1e-6), port
+
+
+def _autograd_vjp(norm, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    leaf = x.expand_as(grad).clone().requires_grad_(True)
+    with torch.enable_grad():
+        (out,) = torch.autograd.grad(norm(leaf), leaf, grad)
+    return out
+
+
+def test_closed_form_norm_vjp_matches_autograd(tiny_model):
+    """The receivers' layer-norm VJP in closed form equals autograd through the model's own norm modules
+    (bridge-wrapped LayerNorm for GPT-2, RMSNorm for Llama), with and without the weight folded in."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model, arch = tiny_model.model, tiny_model.arch
+    gen = torch.Generator().manual_seed(0)
+    norms = [arch.ln_attn(model, l) for l in range(arch.n_layers)] + [arch.ln_mlp(model, 0), arch.ln_final(model)]
+    plain = [torch.nn.LayerNorm(arch.d_model), LlamaRMSNorm(arch.d_model, eps=1e-6)]
+    for module in plain:
+        with torch.no_grad():
+            module.weight.copy_(torch.randn(arch.d_model, generator=gen))
+    for norm in norms + plain:
+        params = norm_parameters(norm)
+        assert params is not None, type(norm)
+        weight, eps, centered = params
+        x = 3 * torch.randn(2, 5, arch.d_model, generator=gen) + 0.5
+        grad = torch.randn(4, 2, 5, arch.d_model, generator=gen)
+        expected = _autograd_vjp(norm, x, grad)
+        torch.testing.assert_close(norm_vjp(x, grad, eps, centered, weight), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(norm_vjp(x, grad * weight.detach(), eps, centered), expected, rtol=1e-4, atol=1e-5)
+    assert norm_parameters(torch.nn.Identity()) is None
+
+
+def test_eap_scores_equal_with_the_autograd_norm_vjp(tiny_model, monkeypatch):
+    """The closed-form path and the autograd fallback (any other norm) give the same edge scores."""
+    bundle = tiny_model
+    g, batch, bridge = graph_of(bundle), batch_of(bundle), bundle.bridge()
+    args = (bridge, bundle.model, bundle.arch, g, batch)
+    closed = eap_ig_scores(*args, steps=2)
+    monkeypatch.setattr(attribute_module, "norm_parameters", lambda norm: None)
+    fallback = eap_ig_scores(*args, steps=2)
+    torch.testing.assert_close(closed, fallback, rtol=1e-4, atol=1e-6 * float(closed.abs().max()))
 
 
 # --- EAP: completeness ---------------------------------------------------------------------------------
