@@ -13,7 +13,7 @@ reproducible). Metrics are grouped in labelled families that are never averaged 
 * easyedit (record["post_easyedit"]): reliability, generalization, locality, portability;
 * generation (record["post_generation"]): generation-based success, with no teacher forcing;
 * drift: neighbourhood KL, and the perplexity change ppl_post − ppl_pre;
-* circuit: every numeric `circuit_*` field, and whether the edited layer is in the post-edit circuit;
+* circuit: every numeric `circuit_*` and `relation_*` field, and whether the edited layer is in the post-edit circuit;
 * cost: seconds per edit and per circuit.
 
 Degenerate samples: no values gives no estimate; one value gives the mean with no interval (ci null);
@@ -255,10 +255,10 @@ def _score(cases: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _extra_circuit_metrics(cases: list[dict[str, Any]]) -> list[Metric]:
-    """Numeric circuit_* fields beyond the known ones (other analyses add them)."""
+    """Numeric circuit_* and relation_* (--relation-circuits) fields beyond the known ones."""
     known = {m.name for m in METRICS}
     names = sorted({k for c in cases for k, v in c.items()
-                    if k.startswith("circuit_") and k not in known and _number(v) is not None
+                    if k.startswith(("circuit_", "relation_")) and k not in known and _number(v) is not None
                     and not isinstance(v, (dict, list, tuple))})
     return [Metric(name, "circuit", name.removeprefix("circuit_").replace("_", " "), _field(name), None)
             for name in names]

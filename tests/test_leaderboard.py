@@ -199,3 +199,14 @@ def test_plots_are_written(runs, tmp_path, capsys):
 def test_missing_runs_folder_exits_2(tmp_path, capsys):
     assert main(["leaderboard", "--runs", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error: runs folder")
+
+
+def test_relation_circuit_fields_are_aggregated_in_the_circuit_family() -> None:
+    from bench.results import summarize
+
+    cases = [{"status": "ok", "relation_circuit_edge_jaccard": j, "relation_circuit_source": "lre:x"}
+             for j in (0.8, 0.9, 0.4)]
+    metric = summarize(cases)["metrics"]["relation_circuit_edge_jaccard"]
+    assert metric["family"] == "circuit" and metric["n"] == 3
+    assert metric["mean"] == pytest.approx((0.8 + 0.9 + 0.4) / 3)
+    assert "relation_circuit_source" not in summarize(cases)["metrics"]
