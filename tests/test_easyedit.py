@@ -12,7 +12,6 @@ The hyperparameter-translation tests at the end need no EasyEdit install; the ot
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -30,6 +29,11 @@ from editors.base import EditorError, get_editor, load_hparams
 from editors.keystats import second_moment
 from editors.rome import subject_last_index
 
+from conftest import write_pseudo_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 TINY = ["tiny-gpt2", "tiny-llama"]
 TOLERANCE = 1e-3
 MISSING = sorted(set(ee.missing_requirements("rome") + ee.missing_requirements("kn")))
@@ -39,34 +43,12 @@ CASE = EditCase(case_id="t1", relation="P36", subject="France", prompt="The capi
                 target_true="Paris", target_new="London", paraphrases=(), neighborhood=())
 CASE2 = EditCase(case_id="t2", relation="P37", subject="Germany", prompt="The language of {} is",
                  target_true="German", target_new="French", paraphrases=(), neighborhood=())
-WORDS = ("the capital of France is Paris and the language of Germany is German while rivers run "
-         "through old cities where people speak many languages about history music science art").split()
 BARE_PROMPT_ONLY = [[1, 0]]  # a length plan with no samples: the bare prompt is the only context
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KEBENCH_CACHE", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = random.Random(0)
-    paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 80))) + "." for _ in range(60)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paras))
-    return path
+    return write_pseudo_corpus(tmp_path_factory.mktemp("corpus"), 60)
 
 
 def _weights(bundle: ModelBundle, names: list[str]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,39 +16,20 @@ from editors import keystats
 from editors.base import get_editor, load_hparams
 from editors.rome import subject_last_index
 
+from conftest import write_pseudo_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 TINY = ["tiny-gpt2", "tiny-llama"]
 CASE = EditCase(case_id="t1", relation="P36", subject="France", prompt="The capital of {} is",
                 target_true="Paris", target_new="London", paraphrases=(), neighborhood=())
-WORDS = ("the capital of France is Paris and the language of Germany is German while rivers run "
-         "through old cities where people speak many languages about history music science art").split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and a busy CPU makes them spin."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    """One cache dir for the module: tiny models are built once, statistics land here."""
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KEBENCH_CACHE", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 pseudo-English paragraphs, enough tokens for a full-rank C on the tiny models."""
-    rng = random.Random(0)
-    paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 80))) + "." for _ in range(60)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paras))
-    return path
+    return write_pseudo_corpus(tmp_path_factory.mktemp("corpus"), 60)
 
 
 def _hparams(editor: str, bundle: ModelBundle, corpus: Path) -> dict:

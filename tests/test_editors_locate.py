@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -18,39 +17,22 @@ from editors import keystats
 from editors._locate import ShiftedForward, context_prefixes, keys_and_residual, subject_rows
 from editors.base import EditorError, get_editor, load_hparams
 
+from conftest import write_pseudo_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread", "cache")
+
+
 TINY = ["tiny-gpt2", "tiny-llama"]
 SUBJECTS = ["France", "Germany", "Spain", "Italy", "Japan", "Brazil", "Canada", "Egypt", "India", "Kenya"]
 TARGETS = ["London", "Rome", "Oslo", "Paris", "Lima", "Cairo", "Tokyo", "Berlin", "Madrid", "Quito"]
 CASES = [EditCase(case_id=f"c{i}", relation="P36", subject=s, prompt="The capital of {} is", target_true="Paris",
                   target_new=t, paraphrases=(), neighborhood=()) for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS))]
-WORDS = ("the capital of France is Paris and the language of Germany is German while rivers run "
-         "through old cities where people speak many languages about history music science art").split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KEBENCH_CACHE", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """80 pseudo-English paragraphs: the first 40 build C, the rest are held-out preserved text."""
-    rng = random.Random(0)
-    paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 80))) + "." for _ in range(80)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paras))
-    return path
+    return write_pseudo_corpus(tmp_path_factory.mktemp("corpus"), 80)
 
 
 @pytest.fixture(scope="module")

@@ -19,23 +19,11 @@ from editors.grace import Codebook
 from editors.ike import demonstrations
 from editors.kn import coarse_neurons, integrated_gradients, refine
 
+pytestmark = pytest.mark.usefixtures("one_thread", "cache")
+
+
 TINY = ["tiny-gpt2", "tiny-llama"]
 POOL = ["France", "Chile", "Peru", "Kenya", "Nepal", "Norway", "Canada", "Brazil", "Mexico"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KEBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
 
 
 def a_case(target_new: str = "London") -> EditCase:
