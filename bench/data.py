@@ -371,20 +371,11 @@ def _nested_counterfact_case(rec: _Record) -> EditCase:
 
 def load_counterfact(path: str | os.PathLike[str]) -> LoadedDataset:
     """Load CounterFact records; each record may use either layout."""
-    p = Path(path)
-    data = _read_bytes(p)
-    records, _ = _parse_records(p, data)
-    cases: list[EditCase] = []
-    rejected: list[tuple[str, str]] = []
-    for index, raw in enumerate(records):
-        rec = _Record(str(p), index, raw)
-        if "requested_rewrite" in raw:
-            case = _nested_counterfact_case(rec)
-        else:
-            case = _flat_counterfact_case(rec)
-        _finish(case, cases, rejected)
-    _check_unique(str(p), cases)
-    return LoadedDataset(p.stem, str(p), hashlib.sha256(data).hexdigest(), cases, rejected)
+    return _load_file(path, lambda p, records: _counterfact_case)
+
+
+def _counterfact_case(rec: _Record) -> EditCase:
+    return _nested_counterfact_case(rec) if "requested_rewrite" in rec.raw else _flat_counterfact_case(rec)
 
 
 # --------------------------------------------------------------------------
