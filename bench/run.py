@@ -248,8 +248,11 @@ def held_out_perplexity(bundle: ModelBundle, texts: tuple[str, ...] | None) -> f
 
 
 def run_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
-              circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False) -> list[dict[str, Any]]:
+              circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False,
+              ppl_pre: float | None = None) -> list[dict[str, Any]]:
     """Pre-scores of every case, the batch's edits, post-scores of every case, one record per case.
+
+    ppl_pre: the held-out perplexity of the unedited weights, when the caller already has it.
 
     Afterwards the weights are restored bitwise to their values before the batch and editor.undo() runs,
     unless keep_edits (sequential mode): then they are restored only when the batch failed, and undo()
@@ -261,7 +264,8 @@ def run_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: 
     for before, record in zip(befores, records):
         before.record = record
     held_out = None if keep_edits else heldout_for_ppl(cfg.ppl_texts)
-    ppl_pre = held_out_perplexity(bundle, held_out)
+    if ppl_pre is None:
+        ppl_pre = held_out_perplexity(bundle, held_out)
     names = touched_parameters(editor, cases)
     saved = backup(model, names)
     failed = True
@@ -462,9 +466,12 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
 
 def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
                 writer: RunWriter) -> None:
+    # every batch starts from the same restored weights, so the pre-edit perplexity is computed once
+    ppl_pre = held_out_perplexity(bundle, heldout_for_ppl(cfg.ppl_texts))
     with tqdm(total=len(cases), desc=f"{cfg.editor} edits", unit="case") as bar:
         for index, batch in enumerate(batches(cases, cfg.batch_size)):
-            for record in _safe_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits", index):
+            for record in _safe_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits", index,
+                                      ppl_pre=ppl_pre):
                 writer.append(record)
             bar.update(len(batch))
 
@@ -479,10 +486,11 @@ def final_curve_fields(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _safe_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
-                circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False) -> list[dict[str, Any]]:
+                circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False,
+                ppl_pre: float | None = None) -> list[dict[str, Any]]:
     """Runs one batch; an exception inside the editor fails that batch's cases only (weights are restored)."""
     try:
-        records = run_batch(bundle, editor, cases, pool, cfg, circuit_dir, batch_index, keep_edits)
+        records = run_batch(bundle, editor, cases, pool, cfg, circuit_dir, batch_index, keep_edits, ppl_pre)
     except RestoreError:
         raise
     except (RuntimeError, ValueError, FloatingPointError) as exc:
