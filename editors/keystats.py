@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bench.cache import cache_dir, sha256_text
+from bench.cache import cache_dir, publish, sha256_text, staging_path
 from bench.corpus import DEFAULT_CORPUS, load_corpus
 from bench.tokens import prompt_ids
 
@@ -71,9 +71,9 @@ def _cache_path(bundle: ModelBundle, layer: int, identity: str, n_samples: int, 
 
 def _save(path: Path, matrix: torch.Tensor, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
+    tmp = staging_path(path)
     torch.save(matrix, tmp)
-    tmp.rename(path)
+    publish(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

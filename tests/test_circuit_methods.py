@@ -130,19 +130,19 @@ def test_closed_form_norm_vjp_matches_autograd(tiny_model):
     (bridge-wrapped LayerNorm for GPT-2, RMSNorm for Llama), with and without the weight folded in."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    model, arch = tiny_model.model, tiny_model.arch
+    model, arch, device = tiny_model.model, tiny_model.arch, tiny_model.device
     gen = torch.Generator().manual_seed(0)
     norms = [arch.ln_attn(model, l) for l in range(arch.n_layers)] + [arch.ln_mlp(model, 0), arch.ln_final(model)]
-    plain = [torch.nn.LayerNorm(arch.d_model), LlamaRMSNorm(arch.d_model, eps=1e-6)]
+    plain = [torch.nn.LayerNorm(arch.d_model).to(device), LlamaRMSNorm(arch.d_model, eps=1e-6).to(device)]
     for module in plain:
         with torch.no_grad():
-            module.weight.copy_(torch.randn(arch.d_model, generator=gen))
+            module.weight.copy_(torch.randn(arch.d_model, generator=gen).to(device))
     for norm in norms + plain:
         params = norm_parameters(norm)
         assert params is not None, type(norm)
         weight, eps, centered = params
-        x = 3 * torch.randn(2, 5, arch.d_model, generator=gen) + 0.5
-        grad = torch.randn(4, 2, 5, arch.d_model, generator=gen)
+        x = (3 * torch.randn(2, 5, arch.d_model, generator=gen) + 0.5).to(device)
+        grad = torch.randn(4, 2, 5, arch.d_model, generator=gen).to(device)
         expected = _autograd_vjp(norm, x, grad)
         torch.testing.assert_close(norm_vjp(x, grad, eps, centered, weight), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(norm_vjp(x, grad * weight.detach(), eps, centered), expected, rtol=1e-4, atol=1e-5)
@@ -214,11 +214,11 @@ def test_eap_and_eap_ig_track_exact_patching(tiny_model):
     bundle = tiny_model
     g, batch, bridge = graph_of(bundle), batch_of(bundle), bundle.bridge()
     args = (bridge, bundle.model, bundle.arch, g, batch)
-    exact = exact_edge_scores(*args)[g.edge_mask].numpy()
+    exact = exact_edge_scores(*args)[g.edge_mask].cpu().numpy()
     rho = {}
     for name, scores in (("eap", eap_scores(*args)), ("eap-ig", eap_ig_scores(*args, steps=5)),
                          ("eap-ig-activations", attribute(*args, method="eap-ig-activations"))):
-        rho[name] = spearmanr(scores[g.edge_mask].numpy(), exact).statistic
+        rho[name] = spearmanr(scores[g.edge_mask].cpu().numpy(), exact).statistic
     print(f"\n{bundle.name}: Spearman rho vs exact patching over {g.n_edges} edges: "
           + ", ".join(f"{k} {v:.3f}" for k, v in rho.items()))
     assert rho["eap"] > 0.8
@@ -260,9 +260,11 @@ def _ablated_final_metric(bundle, batch, final_input: torch.Tensor) -> float:
     """Mean log-prob when the final norm reads `final_input` (broadcast) at every position: plain HF hooks."""
     norm = bundle.arch.ln_final(bundle.model)
     handle = norm.register_forward_pre_hook(lambda mod, args: (final_input.expand_as(args[0]), *args[1:]))
-    with torch.no_grad():
-        logits = bundle.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits
-    handle.remove()
+    try:  # a hook left behind would corrupt every later test on the session's shared model
+        with torch.no_grad():
+            logits = bundle.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits
+    finally:
+        handle.remove()
     return answer_logprob(logits, batch).mean().item()
 
 
@@ -270,7 +272,7 @@ def _attention_output_biases(bundle) -> torch.Tensor:
     """The attention output biases (GPT-2's c_proj.bias) that no head sender carries; zero for Llama."""
     arch = bundle.arch
     if arch.family != "gpt2":
-        return torch.zeros(arch.d_model)
+        return torch.zeros(arch.d_model, device=bundle.device)
     return sum(arch.blocks(bundle.model)[l].attn.c_proj.bias.detach() for l in range(arch.n_layers))
 
 
@@ -310,7 +312,7 @@ def test_eap_under_mean_and_zero_ablation_tracks_exact(tiny_model, ablation):
     edges = g.edge_mask.nonzero()[torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(1))[:60]]
     exact = exact_edge_scores(*args, ablation=ablation, edges=edges)[edges[:, 0], edges[:, 1]]
     approx = eap_scores(*args, ablation=ablation)[edges[:, 0], edges[:, 1]]
-    rho = spearmanr(approx.numpy(), exact.numpy()).statistic
+    rho = spearmanr(approx.cpu().numpy(), exact.cpu().numpy()).statistic
     print(f"\n{bundle.name} {ablation} ablation: EAP vs exact rho {rho:.3f}")
     assert rho > 0.6
 
@@ -353,7 +355,7 @@ def test_exact_node_score_equals_replacing_the_module_output(tiny_model):
     expected = (answer_logprob(patched, batch) - answer_logprob(clean, batch)).sum().item()
     assert nodes[g.mlp_index(layer)].item() == pytest.approx(expected, rel=1e-3, abs=1e-5)
     edges = eap_scores(bridge, bundle.model, bundle.arch, g, batch)
-    rho = spearmanr(node_scores(edges).numpy(), nodes.numpy()).statistic
+    rho = spearmanr(node_scores(edges).cpu().numpy(), nodes.cpu().numpy()).statistic
     print(f"\n{bundle.name}: node-level EAP vs exact rho {rho:.3f}")
     assert rho > 0.7
 

@@ -168,7 +168,12 @@ def test_markdown_groups_intervals_and_provenance(runs, tmp_path, capsys):
     assert "| 3 " in rome_line  # n
     assert "run `r2-rome-new`: model sha256 `abababababab`, dataset sha256 `cdcdcdcdcdcd`, harness commit " \
            "`0123456789abcd`, device cpu" in text
-    assert "r1-rome-old" not in text and "r5-rome-seq" not in text
+    assert "r1-rome-old" not in text
+    # the sequential run is no row of the main table, only of the sequential table (its last curve point)
+    assert "run `r5-rome-seq`" in text and text.index("r5-rome-seq") > text.index("Sequential editing")
+    seq_line = next(line for line in text.splitlines() if line.startswith("| rome [") and "| 2 " in line)
+    cells = [c.strip() for c in seq_line.strip("|").split("|")]
+    assert cells[1:] == ["2", "0.80", "–", "0.90", "–", "20.0", "22.0", "2.00"]
     assert "**CounterFact**: ES, PS, NS, S" in text and "**Drift**: KL" in text
 
 
@@ -194,6 +199,17 @@ def test_plots_are_written(runs, tmp_path, capsys):
             "m1__facts__sequential.png", "m1__counterfact__counterfact.png"} <= names
     assert "m1__counterfact__efficacy_vs_circuit.png" not in names  # no circuit fields there
     assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+def test_a_variant_hparams_file_gets_its_own_row(runs):
+    write_run(runs, "r6-r-rome", "r-rome", "m1", "facts", "2026-01-05T00:00:00", [record(1.0, 1.0, 1.0, 0.1, 0.5)])
+    write_run(runs, "r7-r-rome-orig", "r-rome", "m1", "facts", "2026-01-06T00:00:00", [record(0.0, 0.0, 1.0, 0.1, 0.5)])
+    for run_id, hparams in (("r6-r-rome", "/repo/editors/hparams/r-rome/m1.yaml"),
+                            ("r7-r-rome-orig", "/repo/benchmarks/hparams/rome-original.yaml")):
+        manifest = json.loads((runs / run_id / "manifest.json").read_text())
+        (runs / run_id / "manifest.json").write_text(json.dumps(dict(manifest, hparams_file=hparams)))
+    labels = {r.run_id: r.label for r in latest_rows(load_runs(runs))}
+    assert labels["r6-r-rome"] == "r-rome" and labels["r7-r-rome-orig"] == "r-rome [rome-original]"
 
 
 def test_missing_runs_folder_exits_2(tmp_path, capsys):

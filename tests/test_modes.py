@@ -258,8 +258,9 @@ def reference_perplexity(model, tokenizer, texts, max_len: int) -> float:
         ids = tokenizer(text).input_ids[:max_len]
         if len(ids) < 2:
             continue
+        batch = torch.tensor([ids], device=model.device)
         with torch.no_grad():
-            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
+            loss = model(input_ids=batch, labels=batch).loss
         nll += float(loss) * (len(ids) - 1)
         count += len(ids) - 1
     return math.exp(nll / count)
