@@ -315,7 +315,8 @@ def main() -> None:
     graph = Graph(arch.n_layers, arch.n_heads, arch.n_kv_heads)
     rows = torch.arange(batch.clean_ids.shape[0])
     with torch.no_grad():
-        hf_logits = bundle.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits[rows, batch.answer_pos]
+        logits = bundle.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits
+        hf_logits = logits[rows, batch.answer_pos]
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     torch.save({"clean_ids": batch.clean_ids, "corrupt_ids": batch.corrupt_ids, "attention_mask": batch.attention_mask,
