@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.cache import publish, staging_path
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FACTS_PATH = REPO_ROOT / "datasets" / "facts.json"
 COUNTERFACT_ENV = "KEBENCH_COUNTERFACT"
@@ -718,7 +720,7 @@ def _download(source: DatasetSource) -> Path:
 
     path = source.cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
+    part = staging_path(path)
     try:
         with urllib.request.urlopen(source.url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
             while block := response.read(1 << 20):
@@ -734,7 +736,7 @@ def _download(source: DatasetSource) -> Path:
         part.unlink()
         raise DatasetError(f"dataset '{source.name}': download from {source.url} has sha256 {actual}, "
                            f"expected {source.sha256}")
-    part.rename(path)
+    publish(part, path)
     path.with_name(path.name + ".sha256").write_text(f"{actual}  {path.name}\n")
     return path
 
