@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tabulate import tabulate
 
@@ -107,25 +107,31 @@ def load_runs(runs_dir: Path) -> list[RunRow]:
     return [load_run(path.parent) for path in sorted(runs_dir.glob("*/summary.json"))]
 
 
-def latest_rows(runs: list[RunRow]) -> list[RunRow]:
-    """The latest non-sequential run per (model, dataset, label): editor, variant and batch size."""
+def _latest_per_label(runs: list[RunRow], keep: Callable[[RunRow], bool]) -> dict[tuple[str, str, str], RunRow]:
+    """(model, dataset, label) -> the latest kept run."""
     latest: dict[tuple[str, str, str], RunRow] = {}
     for row in sorted(runs, key=lambda r: (r.finished, r.run_id)):
-        if not row.sequential:
+        if keep(row):
             latest[(row.model, row.dataset, row.label)] = row
-    return list(latest.values())
+    return latest
+
+
+def latest_rows(runs: list[RunRow]) -> list[RunRow]:
+    """The latest non-sequential run per (model, dataset, label): editor, variant and batch size."""
+    return list(_latest_per_label(runs, lambda row: not row.sequential).values())
 
 
 def latest_sequential(runs: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
     """(model, dataset) -> the latest sequential run per label, in label order."""
-    latest: dict[tuple[str, str, str], RunRow] = {}
-    for row in sorted(runs, key=lambda r: (r.finished, r.run_id)):
-        if (row.path / "sequential.jsonl").exists():
-            latest[(row.model, row.dataset, row.label)] = row
     out: dict[tuple[str, str], list[RunRow]] = {}
-    for (model, dataset, _), row in sorted(latest.items()):
+    has_curve = lambda row: (row.path / "sequential.jsonl").exists()  # noqa: E731
+    for (model, dataset, _), row in sorted(_latest_per_label(runs, has_curve).items()):
         out.setdefault((model, dataset), []).append(row)
     return out
+
+
+def _numeric(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
@@ -137,11 +143,11 @@ def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
         if not points:
             continue
         first, last = points[0], points[-1]
-        ppl0, ppl1 = first.get("ppl"), last.get("ppl")
-        drift = ppl1 - ppl0 if isinstance(ppl0, (int, float)) and isinstance(ppl1, (int, float)) else None
-        body.append([f"{row.label} [{index}]", last.get("n_edits"), *(number(last[k]) if isinstance(last.get(k), (int, float))
-                     else "–" for k in ("efficacy", "paraphrase", "neighborhood", "score")),
-                     *(number(v) if v is not None else "–" for v in (ppl0, ppl1, drift))])
+        ppl0, ppl1 = _numeric(first.get("ppl")), _numeric(last.get("ppl"))
+        drift = ppl1 - ppl0 if ppl0 is not None and ppl1 is not None else None
+        values = [_numeric(last.get(k)) for k in ("efficacy", "paraphrase", "neighborhood", "score")]
+        body.append([f"{row.label} [{index}]", last.get("n_edits"),
+                     *("–" if v is None else number(v) for v in (*values, ppl0, ppl1, drift))])
     return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
 
 
@@ -236,10 +242,10 @@ def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None
     parts = ["# Leaderboard", ""]
     source = f"Generated from the run folders in `{runs_dir}`" + (f" by `{command}`." if command else ".")
     parts += [source + " Each row is the latest run of an editor on a (model, dataset); sequential-editing "
-              "runs are summarised by their last curve point (every edit so far re-scored) and plotted. A cell is the mean over the run's edited cases with its 95% "
-              "percentile-bootstrap confidence interval over cases, `mean [low, high]`; `(n=k)` marks a metric "
-              "measured on fewer cases than the row's n. Metric families are never averaged together; the "
-              "metrics are defined in the README's Metrics section. `[k]` refers to the run's provenance note.", ""]
+              "runs are summarised by their last curve point (every edit so far re-scored) and plotted. A cell "
+              "is the mean over the run's edited cases with its 95% percentile-bootstrap confidence interval "
+              "over cases, `mean [low, high]`; `(n=k)` marks a metric measured on fewer cases than the row's n. "
+              "Metric families are never averaged together; the metrics are defined in the README's Metrics section. `[k]` refers to the run's provenance note.", ""]
     sequential = sequential or {}
     if not groups and not sequential:
         parts.append("No runs yet.")

@@ -54,21 +54,20 @@ def main() -> None:
     bundle = load_model(args.model, args.device)
     cases = load_dataset("facts").cases[: args.n]
     results: dict = {"model": args.model, "device": str(bundle.device), "cases": [c.case_id for c in cases]}
+    moments: dict[int, torch.Tensor] = {}
     for name in ("memit", "alphaedit"):
         hp, hp_file = load_hparams(name, bundle.name, bundle.arch.family)
         editor = get_editor(name)(bundle, hp)
-        per_case = []
-        for case in cases:
-            moments = {layer: second_moment(bundle, layer, n_samples=hp["mom2_n_samples"], max_len=hp["mom2_max_len"])
-                       for layer in editor.layers}
-            per_case.append({str(layer): preserved_ratio(d, moments[layer]) for layer, d in deltas(bundle, editor, [case]).items()})
+        for layer in editor.layers:  # the same cached statistics for both editors (same layers and samples)
+            moments.setdefault(layer, second_moment(bundle, layer, n_samples=hp["mom2_n_samples"],
+                                                    max_len=hp["mom2_max_len"]))
+        per_case = [{str(layer): preserved_ratio(d, moments[layer]) for layer, d in deltas(bundle, editor, [case]).items()}
+                    for case in cases]
         results[name] = {"hparams_file": Path(hp_file).relative_to(REPO).as_posix(), "per_case": per_case}
         if name == "alphaedit":
             results["alphaedit_bound"] = hp["nullspace_threshold"] ** 0.5
-    layers = sorted(results["memit"]["per_case"][0])
-    results["isotropic"] = {layer: float(torch.linalg.eigvalsh(second_moment(
-        bundle, int(layer), n_samples=hp["mom2_n_samples"], max_len=hp["mom2_max_len"]).double()).mean().sqrt())
-        for layer in layers}
+    results["isotropic"] = {str(layer): float(torch.linalg.eigvalsh(c.double()).mean().sqrt())
+                            for layer, c in sorted(moments.items())}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
