@@ -245,7 +245,7 @@ def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None
               "runs are summarised by their last curve point (every edit so far re-scored) and plotted. A cell "
               "is the mean over the run's edited cases with its 95% percentile-bootstrap confidence interval "
               "over cases, `mean [low, high]`; `(n=k)` marks a metric measured on fewer cases than the row's n. "
-              "Metric families are never averaged together; the metrics are defined in the README's Metrics section. `[k]` refers to the run's provenance note.", ""]
+              "Metric families are never averaged together; the metrics are defined in docs/metrics.md. `[k]` refers to the run's provenance note.", ""]
     sequential = sequential or {}
     if not groups and not sequential:
         parts.append("No runs yet.")
