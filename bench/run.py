@@ -32,7 +32,7 @@ from bench.metrics import easyedit_scores, generation_metrics
 from bench.models import ModelBundle, load_model
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.results import RunWriter
-from bench.scoring import (case_logprobs, counterfact_scores, drift_kl, harmonic_mean, neighborhood_next_token,
+from bench.scoring import (case_target_nll, counterfact_scores, drift_kl, harmonic_mean, neighborhood_next_token,
                            top1_matches)
 from circuits.circuit import DEFAULT_TOP_N, Circuit, discover, overlap
 from circuits.relation import relation_circuits_for
@@ -58,7 +58,7 @@ class RunConfig:
     hparams: str | None = None
     circuits: bool = True
     top_n: int = DEFAULT_TOP_N
-    only_known: bool = True
+    only_known: bool = False  # the harness's known-fact filter (--known-only); protocols edit every record
     relation_circuits: bool = False  # also the case's relation circuit before/after the edit (circuits/relation.py)
     batch_size: int = 1  # cases per apply (batched editors) or per restore (the others)
     sequential: bool = False  # edits accumulate over the run; restored once at the end
@@ -127,6 +127,13 @@ def select_cases(bundle: ModelBundle, data: LoadedDataset, n: int | None, only_k
     return chosen, counts
 
 
+def selection_counts(counts: dict[str, Any], only_known: bool) -> dict[str, Any]:
+    """The summary's record counts before editing (n_cases and n_failed come from the cases)."""
+    return {"case_selection": "known-only" if only_known else "every valid record",
+            "n_loaded": counts["loaded"], "n_rejected": counts["rejected"],
+            "n_unknown_skipped": counts["unknown_skipped"], "n_selected": counts["kept"]}
+
+
 def interleave_relations(cases: list[EditCase]) -> list[EditCase]:
     """Round-robin over relations (file order within each), so that --n N samples every relation."""
     groups: dict[str, list[EditCase]] = {}
@@ -174,7 +181,7 @@ def measure_before(bundle: ModelBundle, case: EditCase, pool: list[str], cfg: Ru
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     record: dict[str, Any] = {"case_id": case.case_id, "relation": case.relation, "subject": case.subject,
                               "target_true": case.target_true, "target_new": case.target_new}
-    record["pre"] = counterfact_scores(case_logprobs(model, tok, case, dev))
+    record["pre"] = counterfact_scores(case_target_nll(model, tok, case, dev))
     record["scoring"] = case.scoring  # the dataset's primary family: "counterfact" (pre/post) or "zsre" (easyedit)
     record["pre_easyedit"], locality_tokens = easyedit_scores(model, tok, case, dev)
     pre_next = neighborhood_next_token(model, tok, case, dev)
@@ -189,7 +196,7 @@ def measure_after(bundle: ModelBundle, editor: Editor, case: EditCase, before: C
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     record, pre_next, pre_circuit, t_pre = before.record, before.pre_next, before.circuit, before.seconds_circuit
     edited = editor.evaluation_case(case)
-    record["post"] = counterfact_scores(case_logprobs(model, tok, edited, dev))
+    record["post"] = counterfact_scores(case_target_nll(model, tok, edited, dev))
     record["post_easyedit"], _ = easyedit_scores(model, tok, edited, dev, before.locality_tokens)
     record["post_generation"], record["post_generation_text"] = generation_metrics(model, tok, edited, dev)
     record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, edited, dev))
@@ -315,12 +322,13 @@ def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, 
     """Re-scores every case so far on the current weights: efficacy, paraphrase and magnitude over the
     cases whose edit is in the model, neighbourhood over all cases so far; plus held-out perplexity."""
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
-    scores = [(counterfact_scores(case_logprobs(model, tok, editor.evaluation_case(case), dev)), ok)
+    scores = [(counterfact_scores(case_target_nll(model, tok, editor.evaluation_case(case), dev)), ok)
               for case, ok in seen]
     kept = [s for s, ok in scores if ok]
 
-    def mean(rows: list[dict[str, float]], key: str) -> float | None:
-        return sum(r[key] for r in rows) / len(rows) if rows else None
+    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
 
     point: dict[str, Any] = {
         "n_edits": len(kept), "n_cases": len(seen),
@@ -436,6 +444,10 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     cases, counts = select_cases(bundle, data, cfg.n, cfg.only_known)
     log.info("loading: %d cases kept (%d rejected, %d not known to the model)", counts["kept"], counts["rejected"],
              counts["unknown_skipped"])
+    if not cases:
+        raise ValueError(f"no case to edit in {data.name}: {counts['loaded']} loaded, {counts['rejected']} rejected, "
+                         f"{counts['unknown_skipped']} not known to the model"
+                         + (" (drop --known-only to edit every valid record)" if cfg.only_known else ""))
     manifest = {"editor": cfg.editor, "hparams": hparams, "hparams_file": hparams_path, "seed": cfg.seed,
                 "model": bundle.provenance, "device": str(bundle.device),
                 "dataset": {"name": data.name, "path": data.path, "sha256": data.sha256},
@@ -448,7 +460,8 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     pool = sorted({c.subject for c in data.cases})
     status = "complete"
     extra: dict[str, Any] = {"seed": cfg.seed, "device": str(bundle.device), "top_n": cfg.top_n,
-                             "mode": manifest["mode"]["name"], "batch_size": cfg.batch_size}
+                             "mode": manifest["mode"]["name"], "batch_size": cfg.batch_size,
+                             **selection_counts(counts, cfg.only_known)}
     log.info("editing: %s on %d cases (%s mode, batch size %d)%s", cfg.editor, len(cases), extra["mode"],
              cfg.batch_size, f", with pre/post circuits (EAP, top {cfg.top_n} edges)" if cfg.circuits else "")
     try:

@@ -64,12 +64,22 @@ def build_batch(tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets:
                        plen.to(device))
 
 
-def target_logprob_from_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """Sum over target tokens of log p(token | prefix): [B]."""
+def target_token_logprobs_from_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """log p(target token j | prompt, target tokens < j) for each row: [B, J], 0 at padded positions."""
     index = batch.logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     picked = logits.gather(1, index).log_softmax(-1)  # [B, J, V]
     token_lp = picked.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
-    return (token_lp * batch.target_mask).sum(-1)
+    return token_lp * batch.target_mask
+
+
+def target_logprob_from_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """Sequence log-probability: the sum over target tokens of log p(token | prefix): [B]."""
+    return target_token_logprobs_from_logits(logits, batch).sum(-1)
+
+
+def target_mean_nll_from_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of each row's target, as ROME's evaluation scores it: [B]."""
+    return -target_token_logprobs_from_logits(logits, batch).sum(-1) / batch.target_mask.sum(-1)
 
 
 def target_logprobs(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:

@@ -11,7 +11,7 @@ from bench.corrupt import circuit_batch
 from bench.data import EditCase
 from bench.models import ModelBundle, load_model
 from bench.run import RunConfig, all_finite, run_case
-from bench.scoring import case_logprobs, counterfact_scores
+from bench.scoring import case_target_nll, counterfact_scores
 from bench.tokens import build_batch, next_token_logprobs, prompt_ids, target_ids
 from editors.base import get_editor, load_hparams
 from editors.ft import target_nll
@@ -329,8 +329,8 @@ def test_ike_scores_prefixed_prompts_and_keeps_weights(name: str, tmp_path) -> N
     before = snapshot(bundle)
     record = run_case(bundle, editor, case, POOL, RunConfig(editor="ike", circuits=False), tmp_path)
     assert record["status"] == "ok" and not changed(bundle, before)
-    expected = counterfact_scores(case_logprobs(bundle.model, bundle.tokenizer, edited, bundle.device))
-    plain = counterfact_scores(case_logprobs(bundle.model, bundle.tokenizer, case, bundle.device))
+    expected = counterfact_scores(case_target_nll(bundle.model, bundle.tokenizer, edited, bundle.device))
+    plain = counterfact_scores(case_target_nll(bundle.model, bundle.tokenizer, case, bundle.device))
     assert record["post"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
     assert record["pre"] == pytest.approx(plain, rel=1e-5, abs=1e-9)
     assert record["post"]["p_new"] != pytest.approx(plain["p_new"], rel=1e-3, abs=0)

@@ -66,13 +66,22 @@ def test_degenerate_samples():
     assert bootstrap_interval([[0.7]], np.mean) is None
     assert bootstrap_interval([[1.0, 1.0, 1.0]], np.mean) == (1.0, 1.0)
     summary = summarize([{"status": "ok", "drift_kl": 0.5}])
-    assert summary["metrics"]["drift_kl"] == {"family": "drift", "label": "KL", "mean": 0.5, "n": 1, "ci_low": None,
-                                              "ci_high": None, "higher_is_better": False}
+    assert summary["metrics"]["drift_kl"] == {
+        "family": "drift", "label": "KL", "mean": 0.5, "n": 1, "ci_low": None, "ci_high": None,
+        "higher_is_better": False, "protocol": "next-token distribution", "comparable_group": "drift.next_token_kl",
+        "scorer": "KL(pre || post) of the next token after each neighbourhood prompt", "reference": "harness"}
+
+
+def prompt_nlls(rate: float, new_should_win: bool) -> list[dict]:
+    """Per-prompt NLL pairs whose success rate is rate (0, 0.5 or 1; NaN: no prompts)."""
+    new_wins, true_wins = {"target_new": 0.5, "target_true": 2.0}, {"target_new": 2.0, "target_true": 0.5}
+    good, bad = (new_wins, true_wins) if new_should_win else (true_wins, new_wins)
+    return {0.0: [bad], 0.5: [good, bad], 1.0: [good]}.get(rate, [])
 
 
 def record(es: float, ps: float, ns: float, p_pre: float, p_post: float, **extra) -> dict:
-    post = {"efficacy_score": es, "paraphrase_score": ps, "neighborhood_score": ns, "efficacy_magnitude": es - 0.5,
-            "paraphrase_magnitude": 0.1, "neighborhood_magnitude": 0.2, "p_new": p_post, "p_true": 0.1}
+    post = {"rewrite_prompts_nll": prompt_nlls(es, True), "paraphrase_prompts_nll": prompt_nlls(ps, True),
+            "neighborhood_prompts_nll": prompt_nlls(ns, False), "p_new": p_post, "p_true": 0.1}
     return {"status": "ok", "pre": {"p_new": p_pre}, "post": post, "drift_kl": 0.1 * es, "seconds_edit": 2.0, **extra}
 
 
@@ -90,16 +99,18 @@ def test_summarize_families_hand_computed():
     s = summarize(cases)
     m = s["metrics"]
     assert s["n_cases"] == 3 and s["n_failed"] == 1
-    assert m["efficacy_score"]["mean"] == pytest.approx(2 / 3) and m["efficacy_score"]["n"] == 3
-    assert m["paraphrase_score"]["n"] == 2 and m["paraphrase_score"]["mean"] == pytest.approx(0.5)
-    # S is the harmonic mean of the means, over the cases that report all three
-    es, ps, ns = 0.5, 0.5, 0.75
-    assert m["score"]["mean"] == pytest.approx(3 / (1 / es + 1 / ps + 1 / ns)) and m["score"]["n"] == 2
+    # the failed case counts as 0 in the success rates
+    assert m["efficacy_score"]["mean"] == pytest.approx(2 / 4) and m["efficacy_score"]["n"] == 4
+    assert m["paraphrase_score"]["n"] == 3 and m["paraphrase_score"]["mean"] == pytest.approx(1 / 3)
+    assert m["reliability"]["mean"] == pytest.approx(1.5 / 3) and m["generation_success"]["mean"] == 0.5
+    # S is the harmonic mean of the means, over the cases that report all three (and the failed one)
+    es, ps, ns = 1 / 3, 1 / 3, 0.5
+    assert m["score"]["mean"] == pytest.approx(3 / (1 / es + 1 / ps + 1 / ns)) and m["score"]["n"] == 3
     assert m["log_p_new_lift"]["mean"] == pytest.approx((math.log(0.9 / 0.01) + 0.0) / 2)
     assert m["portability"]["mean"] == pytest.approx(0.75) and m["portability"]["n"] == 1
     assert m["locality"]["mean"] == pytest.approx(0.875)
     assert m["ppl_delta"]["mean"] == pytest.approx((1.5 + 0.5) / 2) and m["ppl_delta"]["higher_is_better"] is False
-    assert m["generation_success"]["family"] == "generation" and m["generation_entropy"]["family"] == "counterfact"
+    assert m["generation_success"]["family"] == "generation" and m["generation_entropy"]["family"] == "generation"
     assert "reference_score" not in m
     assert m["circuit_extra_overlap"]["family"] == "circuit" and "circuit_note" not in m
     assert s["efficacy_score"] == m["efficacy_score"]["mean"] and s["circuit_node_jaccard"] is None

@@ -15,7 +15,7 @@ from bench.data import EditCase, load_dataset
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.results import RunWriter
 from bench.run import RunConfig, backup, restore, run_batch, run_case, run_sequential
-from bench.scoring import case_logprobs, counterfact_scores
+from bench.scoring import case_target_nll, counterfact_scores
 from editors.base import EditOutcome, Editor, get_editor, load_hparams, register
 
 TEXTS = ("The river flows north through the valley and reaches the sea after three hundred kilometres.",
@@ -91,7 +91,7 @@ def test_batch_of_non_batched_editor_equals_one_by_one(tiny_model, tmp_path):
     names = editor.parameters_to_touch([c1])
     original = weights(tiny_model, names)
     model, tok, dev = tiny_model.model, tiny_model.tokenizer, tiny_model.device
-    pre2 = counterfact_scores(case_logprobs(model, tok, c2, dev))
+    pre2 = counterfact_scores(case_target_nll(model, tok, c2, dev))
     cfg = quiet_cfg("ft")
     try:
         records = run_batch(tiny_model, editor, [c1, c2], ["France"], cfg, tmp_path, batch_index=7, keep_edits=True)
@@ -109,7 +109,18 @@ def test_batch_of_non_batched_editor_equals_one_by_one(tiny_model, tmp_path):
     assert all(not torch.equal(batched[n], original[n]) for n in names)
     assert all(torch.equal(batched[n], by_hand[n]) and torch.equal(batched[n], one_by_one[n]) for n in names)
     assert [r["status"] for r in records] == ["ok", "ok"] and [r["batch_index"] for r in records] == [7, 7]
-    assert records[1]["pre"] == pytest.approx(pre2, rel=1e-6, abs=1e-9)  # scored before c1's edit
+    assert flat(records[1]["pre"]) == pytest.approx(flat(pre2), rel=1e-6, abs=1e-9)  # scored before c1's edit
+
+
+def flat(scores: dict) -> dict:
+    """Scores with the per-prompt NLL lists spread into scalar keys (pytest.approx compares flat mappings)."""
+    out = {}
+    for key, value in scores.items():
+        if isinstance(value, list):
+            out.update({f"{key}.{i}.{k}": v for i, row in enumerate(value) for k, v in row.items()})
+        else:
+            out[key] = value
+    return out
 
 
 @pytest.mark.parametrize("editor_name, expected_calls", [("test-add", 3), ("test-add-batched", 1)])
@@ -129,7 +140,7 @@ def test_batch_restores_bitwise_with_one_apply_per_batch_or_case(tiny_model, tmp
     saved = weight.detach().clone()
     with torch.no_grad():
         weight.add_(shifted)
-        expected = counterfact_scores(case_logprobs(tiny_model.model, tiny_model.tokenizer, cases[0], tiny_model.device))
+        expected = counterfact_scores(case_target_nll(tiny_model.model, tiny_model.tokenizer, cases[0], tiny_model.device))
         weight.copy_(saved)
     assert records[0]["post"]["p_new"] == pytest.approx(expected["p_new"], rel=1e-5)
 
@@ -191,7 +202,7 @@ def test_sequential_curve_points_and_bitwise_restore(tiny_model, tmp_path, monke
     try:
         editor.apply([cases[0]])
         editor.apply([cases[1]])
-        scores = [counterfact_scores(case_logprobs(model, tok, c, dev)) for c in cases[:2]]
+        scores = [counterfact_scores(case_target_nll(model, tok, c, dev)) for c in cases[:2]]
         ppl_two = wiki_perplexity(model, tok, dev, list(texts))
     finally:
         restore(model, original)
