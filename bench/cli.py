@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="edit only facts whose greedy first token is target_true before the edit (the harness's "
                           "filter; reported as its own leaderboard row). Default: every valid record, as ROME, "
                           "MEMIT and EasyEdit evaluate")
-    run.add_argument("--all-cases", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
+    run.add_argument("--all-cases", action="store_true",
+                     help="every valid record is edited by default; accepted for older scripts, no effect")
     run.add_argument("--relation-circuits", action="store_true",
                      help="also rediscover each case's relation circuit after the edit: overlap and Hit@10 change")
     run.add_argument("--batch-size", type=int, default=1,
