@@ -20,8 +20,8 @@ dataclass from ours (what the `easyedit:*` reference editors hand to EasyEdit). 
   `ln_f_module`, `lm_head_module`): the native editors always edit the MLP output projection, so
   `rewrite_module_tmp` must name it for the model's family (error otherwise). All six are kept under
   the `easyedit` key, where the reference editors read them.
-- `alg_name` must fit the editor (ROME: rome, r-rome; MEMIT: memit, emmet, alphaedit; FT: ft, or ft-m
-  when `objective_optimization` is target_new; KN: kn). `model_name`, `device`, `stats_dir`,
+- `alg_name` must fit the editor (ROME: rome, r-rome; MEMIT: memit, emmet, alphaedit; FT: ft-l (and
+  easyedit:ft), or ft-m when `objective_optimization` is target_new; KN: kn). `model_name`, `device`, `stats_dir`,
   `model_parallel`, `max_length`, `results_dir`, `objective_optimization` configure EasyEdit's own
   runner: kept under `easyedit` for the record, unused (`--model` and `--device` decide).
 - KN: this EasyEdit snapshot ignores `lr_scale` and `n_toks`. For single-token answers its edit
@@ -41,7 +41,7 @@ from editors.base import EditorError
 log = logging.getLogger("bench")
 
 # Our editors each EasyEdit algorithm may configure.
-EDITORS_OF_ALG = {"ROME": {"rome", "r-rome"}, "MEMIT": {"memit", "emmet", "alphaedit"}, "FT": {"ft", "ft-m"},
+EDITORS_OF_ALG = {"ROME": {"rome", "r-rome"}, "MEMIT": {"memit", "emmet", "alphaedit"}, "FT": {"ft", "ft-l", "ft-m"},
                   "KN": {"kn"}}
 
 TEMPLATE_KEYS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
@@ -80,7 +80,7 @@ def _check_alg(alg: str, editor: str, data: dict[str, Any], source: str) -> None
                           f"{', '.join(sorted(EDITORS_OF_ALG))}")
     method = method_of(editor)
     if alg == "FT" and "objective_optimization" in data:
-        allowed = {"ft-m"} if data["objective_optimization"] == "target_new" else {"ft"}
+        allowed = {"ft-m"} if data["objective_optimization"] == "target_new" else {"ft", "ft-l"}
     if method not in allowed:
         raise EditorError(f"{source}: an EasyEdit {alg} file cannot configure editor '{editor}' "
                           f"(it fits {', '.join(sorted(allowed))})")

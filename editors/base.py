@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from bench.models import ModelBundle
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
+HPARAMS_FOLDERS = {"ft": "ft-l"}  # `easyedit:ft` (EasyEdit's FT, prompt_last objective) reads FT-L's files
 
 
 class EditorError(ValueError):
@@ -51,6 +52,9 @@ class Editor:
 
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         raise NotImplementedError
+
+    def observe_dataset(self, cases: list[EditCase]) -> None:
+        """Sees every loaded case of the run's dataset once, before any edit (IKE's demonstration pool)."""
 
     def evaluation_case(self, case: EditCase) -> EditCase:
         """The case as the edited model is scored on it; in-context editors prepend their demonstrations."""
@@ -104,7 +108,8 @@ def hparams_candidates(editor: str, model_name: str, family: str) -> list[Path]:
     A namespaced editor 'easyedit:rome' reads the files of the method after the colon ('rome').
     """
     stem = model_name.rstrip("/").split("/")[-1].lower()
-    folder = HPARAMS_DIR / editor.split(":")[-1]
+    method = editor.split(":")[-1]
+    folder = HPARAMS_DIR / HPARAMS_FOLDERS.get(method, method)
     return [folder / f"{stem}.yaml", folder / f"{family}.yaml"]
 
 

@@ -1,20 +1,33 @@
-"""FT-L: constrained fine-tuning of MLP output projections, the baseline of the ROME paper.
+"""FT-L: constrained fine-tuning, the baseline of the ROME paper (Meng et al. 2022, §3.2, after Zhu et al. 2020).
 
-Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", §3.2 baselines) after
-Zhu et al. 2020 ("Modifying Memories in Transformer Models"): fine-tune the MLP output
-projection weights of `layers` with Adam (`lr`, `num_steps`) on the negative log-likelihood
-of all of target_new's tokens after the rewrite prompt, and after every step project each
-weight back into the L∞ ball of radius `norm_constraint` around its original value.
-All cases of one `apply` are fitted jointly in one batch; stops early when the mean
-per-token NLL falls below `early_stop_nll`.
+As kmeng01/rome `baselines/ft/ft_main.py` runs it (`hparams/FT/*_constr.json`):
+
+- Parameters: every parameter of the MLP output projection of each layer in `layers`. ROME matches them by
+  the substring `transformer.h.{l}.mlp.c_proj`, so on GPT-2 the weight *and* the bias are trained; Llama's
+  `down_proj` has no bias. ROME's configs use layer 0.
+- Loss ("prompt last"): the logits at the last prompt token predict *every* token of target_new (with its
+  leading space); for a request with target tokens o_1..o_J,
+        L = -(1/J) Σ_j log P(o_j | prompt)         (no teacher forcing; one position),
+  averaged over the requests of a chunk.
+- Loop: `num_steps` epochs of Adam (`lr`, `weight_decay`) over chunks of `batch_size` requests (ROME's
+  default 128). A chunk whose loss is below 1e-2 takes no step; after every chunk each parameter is projected
+  into the L∞ ball of radius `norm_constraint` around its original value (false: no projection); the epochs
+  stop once the epoch's mean chunk loss (weighted by chunk size) is below 1e-2.
+
+EasyEdit's FT with `objective_optimization: prompt_last` (its FT-L) runs the same loss and loop; it differs
+only in its configurations (for Llama-family models: a middle layer and no norm constraint). That variant is
+a hyperparameter file, `editors/hparams/ft-l/variants/easyedit-<model>.yaml` (pass it with `--hparams`).
+
+The fine-tuning loop is shared with `ft-m` (editors/ft_m.py), which swaps in the teacher-forced loss.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from bench.arch import parameter
 from bench.tokens import TargetBatch, build_batch
 from editors.base import EditOutcome, Editor, EditorError, register
 
@@ -22,58 +35,140 @@ if TYPE_CHECKING:
     from bench.data import EditCase
     from bench.models import ModelBundle
 
+EARLY_STOP_LOSS = 1e-2  # hard-coded in both ROME's and EasyEdit's ft_main.py
+
 
 def target_nll(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
-    """Mean over rows of the per-token NLL of the target tokens."""
+    """Teacher-forced: mean over rows of the per-token NLL of the target tokens (FT-M's loss)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     picked = logits.gather(1, batch.logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
     lp = picked.log_softmax(-1).gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1) * batch.target_mask
     return (-lp.sum(-1) / batch.target_mask.sum(-1)).mean()
 
 
-@register("ft")
-class FineTuneL(Editor):
-    """FT-L: fine-tune one MLP output projection on the target tokens, L-infinity bound on the change."""
+def prompt_last_nll(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
+    """ROME's FT-L loss: every target token scored at the last prompt position, mean per row, mean over rows."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    last = logits[rows, batch.last_prompt_pos].float().log_softmax(-1)  # [B, V]
+    lp = last.gather(1, batch.target_ids) * batch.target_mask
+    return (-lp.sum(-1) / batch.target_mask.sum(-1)).mean()
+
+
+def rewrite_parameter_names(family: str, layers: list[int], bias: bool = True) -> list[str]:
+    """The MLP output projection's parameters: GPT-2 c_proj weight (and bias), Llama down_proj weight."""
+    if family == "gpt2":
+        kinds = ("weight", "bias") if bias else ("weight",)
+        return [f"transformer.h.{layer}.mlp.c_proj.{kind}" for layer in layers for kind in kinds]
+    return [f"model.layers.{layer}.mlp.down_proj.weight" for layer in layers]
+
+
+def norm_radius(editor: str, value: Any) -> float | None:
+    """`norm_constraint`: a positive number, or false/null for no constraint."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise EditorError(f"{editor}: norm_constraint must be a positive number or false; got {value!r}")
+    return float(value)
+
+
+def positive_int(editor: str, hparams: dict[str, Any], key: str, default: int) -> int:
+    value = hparams.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EditorError(f"{editor}: {key} must be an integer >= 1; got {value!r}")
+    return value
+
+
+Loss = Callable[[torch.nn.Module, TargetBatch], torch.Tensor]
+
+
+def finetune(model: torch.nn.Module, weights: list[torch.Tensor], batches: list[TargetBatch], sizes: list[int],
+             loss_fn: Loss, hparams: dict[str, Any], radius: float | None, threshold: float) -> list[float]:
+    """ROME's/EasyEdit's FT loop; returns the epochs' mean chunk losses (before each chunk's step)."""
+    originals = [w.detach().clone() for w in weights]
+    opt = torch.optim.Adam(weights, lr=float(hparams.get("lr", 5e-4)),
+                           weight_decay=float(hparams.get("weight_decay", 0.0)))
+    for w in weights:
+        w.requires_grad_(True)
+    epoch_losses: list[float] = []
+    try:
+        for _epoch in range(int(hparams.get("num_steps", 25))):
+            losses = []
+            for batch in batches:
+                opt.zero_grad()
+                loss = loss_fn(model, batch)
+                losses.append(loss.item())
+                if losses[-1] >= threshold:
+                    loss.backward()
+                    opt.step()
+                if radius is not None:
+                    with torch.no_grad():
+                        for w, w0 in zip(weights, originals):
+                            w.copy_(torch.clamp(w, w0 - radius, w0 + radius))  # L∞ projection
+            epoch_losses.append(sum(l * n for l, n in zip(losses, sizes)) / sum(sizes))
+            if epoch_losses[-1] < threshold:
+                break
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+            w.grad = None
+    return epoch_losses
+
+
+class FineTuneBase(Editor):
+    """Shared by FT-L and FT-M: parameters, chunking, the loop and its statistics."""
+
+    loss_fn: Callable[..., torch.Tensor]
+    train_bias_default = True
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        self.layers = [int(layer) for layer in hparams.get("layers", [])]
-        if not self.layers:
-            raise EditorError("ft: hparams need a non-empty `layers` list")
+        layers = hparams.get("layers", [])
+        if not isinstance(layers, list) or not layers:
+            raise EditorError(f"{self.name}: hparams need a non-empty `layers` list")
+        n = bundle.arch.n_layers
+        self.layers = [int(layer) for layer in layers]
+        if any(not 0 <= layer < n for layer in self.layers):
+            raise EditorError(f"{self.name}: layers must lie in 0..{n - 1}; got {layers}")
+        self.radius = norm_radius(self.name, hparams.get("norm_constraint", False))
+        self.batch_size = positive_int(self.name, hparams, "batch_size", 128)
+        positive_int(self.name, hparams, "num_steps", 25)
+        self.train_bias = bool(hparams.get("train_bias", self.train_bias_default))
+        self.threshold = float(hparams.get("early_stop_loss", EARLY_STOP_LOSS))
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
-        return [self.bundle.arch.mlp_out_weight_name(layer) for layer in self.layers]
+        return rewrite_parameter_names(self.bundle.arch.family, self.layers, self.train_bias)
 
     def apply(self, cases: list[EditCase]) -> EditOutcome:
-        hp, bundle = self.hparams, self.bundle
-        batch = build_batch(bundle.tokenizer, [c.rewrite_prompt for c in cases], [c.target_new for c in cases],
-                            bundle.device)
-        weights = [bundle.arch.mlp_out_weight(bundle.model, layer) for layer in self.layers]
+        bundle = self.bundle
+        weights = [parameter(bundle.model, name) for name in self.parameters_to_touch(cases)]
         originals = [w.detach().clone() for w in weights]
-        eps = float(hp.get("norm_constraint", 5e-4))
-        steps, threshold = int(hp.get("num_steps", 25)), float(hp.get("early_stop_nll", 1e-2))
-        opt = torch.optim.Adam(weights, lr=float(hp.get("lr", 5e-4)), weight_decay=float(hp.get("weight_decay", 0.0)))
-        for w in weights:
-            w.requires_grad_(True)
-        try:
-            for step in range(steps + 1):
-                loss = target_nll(bundle.model, batch)
-                if step == 0:
-                    first = loss.detach()
-                if step == steps or loss.item() < threshold:  # one host sync per step, for the early stop
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for w, w0 in zip(weights, originals):
-                        w.copy_(torch.clamp(w, w0 - eps, w0 + eps))  # L∞ projection
-        finally:
-            for w in weights:
-                w.requires_grad_(False)
-                w.grad = None
-        change = torch.stack([(w.detach() - w0).abs().max() for w, w0 in zip(weights, originals)]).max()
-        values = torch.stack([first, loss.detach(), change.float()]).tolist()  # the one host sync
-        stats = {"loss_initial": values[0], "loss_final": values[1], "steps": step, "max_abs_change": values[2],
-                 "n_cases": len(cases)}
+        chunks = [cases[i: i + self.batch_size] for i in range(0, len(cases), self.batch_size)]
+        batches = [build_batch(bundle.tokenizer, [c.rewrite_prompt for c in chunk], [c.target_new for c in chunk],
+                               bundle.device) for chunk in chunks]
+        sizes = [len(chunk) for chunk in chunks]
+        epochs = finetune(bundle.model, weights, batches, sizes, type(self).loss_fn, self.hparams, self.radius,
+                          self.threshold)
+        with torch.no_grad():
+            final = sum(float(type(self).loss_fn(bundle.model, b)) * n for b, n in zip(batches, sizes)) / len(cases)
+            change = max(float((w - w0).abs().max()) for w, w0 in zip(weights, originals))
+        stats = {"loss_initial": epochs[0] if epochs else final, "loss_final": final, "epochs": len(epochs),
+                 "max_abs_change": change, "n_cases": len(cases)}
         return EditOutcome(layers=list(self.layers), stats=stats)
+
+
+@register("ft-l")
+class FineTuneL(FineTuneBase):
+    """FT-L (ROME's baseline): MLP output projection fine-tuned, every target token from the last prompt token."""
+
+    batched = True
+    loss_fn = staticmethod(prompt_last_nll)
+
+    def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
+        super().__init__(bundle, hparams)
+        objective = hparams.get("objective_optimization", "prompt_last")
+        if objective != "prompt_last":
+            raise EditorError(f"ft-l: objective_optimization must be 'prompt_last' (FT-L); got {objective!r}; "
+                              f"the teacher-forced objective is ft-m")
+        if float(hparams.get("kl_factor", 0) or 0) != 0:
+            raise EditorError("ft-l: kl_factor must be 0 (ROME's ft_main.py reads but never applies it)")

@@ -24,7 +24,7 @@ cases: [capital-france, language-france, currency-japan]
 seed: 0
 device: cpu
 circuits: false
-editors: [ft]
+editors: [ft-l]
 run: {ppl_texts: 0}
 metrics:
   efficacy_score: {min_tolerance: 0.01}
@@ -36,7 +36,7 @@ metrics:
 class ZeroedFT(FineTuneL):
     """FT-L with its weight change multiplied by zero: a deliberately broken editor."""
 
-    name = "ft"
+    name = "ft-l"
 
     def apply(self, cases):
         model = self.bundle.model
@@ -68,7 +68,7 @@ def test_update_baseline_writes_every_gated_metric_with_its_tolerance(gate):
     suite, baseline = gate
     data = json.loads(baseline.read_text())
     assert data["suite"]["cases"] == ["capital-france", "language-france", "currency-japan"]
-    entry = data["editors"]["ft"]
+    entry = data["editors"]["ft-l"]
     assert entry["n_cases"] == 3 and set(entry["metrics"]) == {"efficacy_score", "log_p_new_lift", "drift_kl"}
     lift = entry["metrics"]["log_p_new_lift"]
     low, high = lift["ci"]
@@ -85,12 +85,12 @@ def test_unchanged_editor_passes(gate, capsys):
 
 
 def test_update_scaled_to_zero_fails_with_a_clear_line(gate, capsys, monkeypatch):
-    base.registry()  # discover the real editors first, then break ft
-    monkeypatch.setitem(base._REGISTRY, "ft", ZeroedFT)
+    base.registry()  # discover the real editors first, then break ft-l
+    monkeypatch.setitem(base._REGISTRY, "ft-l", ZeroedFT)
     assert check(*gate) == 1
     out = capsys.readouterr().out
-    baseline = json.loads(gate[1].read_text())["editors"]["ft"]["metrics"]["log_p_new_lift"]
-    expected = (f"FAIL ft: log_p_new_lift = 0, below baseline {baseline['value']:.4g} by more than the tolerance "
+    baseline = json.loads(gate[1].read_text())["editors"]["ft-l"]["metrics"]["log_p_new_lift"]
+    expected = (f"FAIL ft-l: log_p_new_lift = 0, below baseline {baseline['value']:.4g} by more than the tolerance "
                 f"{baseline['tolerance']:.4g}")
     assert expected in out, out
     assert "check: FAILED" in out
@@ -99,12 +99,12 @@ def test_update_scaled_to_zero_fails_with_a_clear_line(gate, capsys, monkeypatch
 def test_missing_and_gone_editors_are_reported(gate, tmp_path, capsys):
     suite, baseline = gate
     data = json.loads(baseline.read_text())
-    data["editors"] = {"ghost-editor": data["editors"]["ft"]}
+    data["editors"] = {"ghost-editor": data["editors"]["ft-l"]}
     renamed = tmp_path / "baseline.json"
     renamed.write_text(json.dumps(data))
     assert check(suite, renamed) == 1
     out = capsys.readouterr().out
-    assert f"FAIL ft: registered but missing from the baseline {renamed}" in out
+    assert f"FAIL ft-l: registered but missing from the baseline {renamed}" in out
     assert f"FAIL ghost-editor: in the baseline {renamed} but no longer registered" in out
 
 
@@ -152,9 +152,9 @@ def test_subset_update_keeps_the_other_editors_entries(tmp_path):
     previous = {"editors": {"rome": {"n_cases": 3, "metrics": {}}, "old": {"n_cases": 3, "metrics": {}}}}
     summary = {"n_cases": 1, "metrics": {"efficacy_score": {"mean": 1.0, "ci_low": None, "ci_high": None, "n": 1,
                                                             "higher_is_better": True}}}
-    new = build_baseline(suite, {"ft": summary}, "sha", previous, keep={"rome"})
-    assert set(new["editors"]) == {"ft", "rome"}
-    assert new["editors"]["ft"]["metrics"]["efficacy_score"]["tolerance"] == 0.01
+    new = build_baseline(suite, {"ft-l": summary}, "sha", previous, keep={"rome"})
+    assert set(new["editors"]) == {"ft-l", "rome"}
+    assert new["editors"]["ft-l"]["metrics"]["efficacy_score"]["tolerance"] == 0.01
 
 
 def test_committed_suite_is_valid_and_its_cases_exist(tmp_path):

@@ -167,33 +167,39 @@ def test_rome_key_difference_is_the_stated_scale(cache: Path, corpus_file: Path)
 
 # --- FT -----------------------------------------------------------------------------------------------
 
+def _multi_token_case(bundle: ModelBundle) -> EditCase:
+    """FT-L scores every target token at the last prompt position, as EasyEdit's prompt_last FT does."""
+    assert len(target_ids(bundle.tokenizer, "New Zealand")) > 1
+    return EditCase(case_id="t1", relation="P36", subject="France", prompt="The capital of {} is",
+                    target_true="Paris", target_new="New Zealand", paraphrases=(), neighborhood=())
+
+
 def _single_token_case(bundle: ModelBundle) -> EditCase:
-    """EasyEdit's FT scores every target token at the last prompt position; ours teacher-forces them.
-    The two objectives coincide for a one-token target, so the cross-check uses one."""
     assert len(target_ids(bundle.tokenizer, "city")) == 1
     return EditCase(case_id="t1", relation="P36", subject="France", prompt="The capital of {} is",
                     target_true="Paris", target_new="city", paraphrases=(), neighborhood=())
 
 
 def _ft_hparams(bundle: ModelBundle, **extra) -> dict:
-    """Our tiny FT YAML with a loose L∞ bound (so the Adam path, not the clamp, sets ΔW) and
-    EasyEdit restricted to the weight: its substring match would fine-tune the GPT-2 bias too."""
-    hp, _ = load_hparams("ft", bundle.name, bundle.arch.family)
-    weight = bundle.arch.mlp_out_weight_name(hp["layers"][0])
-    return {**hp, "lr": 2e-3, "norm_constraint": 0.05, "easyedit": {"rewrite_module_tmp": weight}, **extra}
+    """Our tiny FT-L YAML with a loose L∞ bound, so the Adam path, not the clamp, sets ΔW."""
+    hp, _ = load_hparams("ft-l", bundle.name, bundle.arch.family)
+    return {**hp, "lr": 2e-3, "norm_constraint": 0.05, **extra}
 
 
 @needs_easyedit
 @pytest.mark.parametrize("name", TINY)
-def test_ft_matches_native(cache: Path, name: str) -> None:
+def test_ft_l_matches_easyedit_prompt_last(cache: Path, name: str) -> None:
+    """ft-l and EasyEdit's FT (prompt_last) on a multi-token target: the same parameters, the same deltas."""
     bundle = load_model(name, "cpu")
-    case = _single_token_case(bundle)
+    case = _multi_token_case(bundle)
     hp = _ft_hparams(bundle)
-    names = [bundle.arch.mlp_out_weight_name(hp["layers"][0])]
-    native, _ = _deltas("ft", bundle, hp, [case], names)
+    names = get_editor("ft-l")(bundle, hp).parameters_to_touch([case])
+    assert set(names) == set(get_editor("easyedit:ft")(bundle, hp).parameters_to_touch([case]))
+    native, _ = _deltas("ft-l", bundle, hp, [case], names)
     reference, _ = _deltas("easyedit:ft", bundle, hp, [case], names)
-    assert native[names[0]].abs().max() < hp["norm_constraint"]  # the bound did not bind
-    assert _relative(reference[names[0]], native[names[0]]) <= TOLERANCE
+    for n in names:
+        assert native[n].abs().max() < hp["norm_constraint"]  # the bound did not bind
+        assert _relative(reference[n], native[n]) <= TOLERANCE
     # the comparison is sensitive: EasyEdit with half the learning rate is far off
     slower, _ = _deltas("easyedit:ft", bundle, {**hp, "lr": hp["lr"] / 2}, [case], names)
     assert _relative(slower[names[0]], native[names[0]]) > 0.1
@@ -202,7 +208,7 @@ def test_ft_matches_native(cache: Path, name: str) -> None:
 @needs_easyedit
 def test_ft_default_template_also_tunes_the_bias(cache: Path) -> None:
     bundle = load_model("tiny-gpt2", "cpu")
-    hp, _ = load_hparams("ft", bundle.name, bundle.arch.family)
+    hp, _ = load_hparams("easyedit:ft", bundle.name, bundle.arch.family)
     editor = get_editor("easyedit:ft")(bundle, hp)
     weight = bundle.arch.mlp_out_weight_name(hp["layers"][0])
     bias = weight.removesuffix("weight") + "bias"
@@ -339,8 +345,8 @@ def test_easyedit_file_errors(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(EASYEDIT_ROME_GPT2XL))
     with pytest.raises(EditorError, match="not the MLP output projection"):
         load_hparams("rome", "TinyLlama/TinyLlama_v1.1", "llama", str(path))
-    with pytest.raises(EditorError, match="cannot configure editor 'ft'"):
-        load_hparams("ft", "gpt2-xl", "gpt2", str(path))
+    with pytest.raises(EditorError, match="cannot configure editor 'ft-l'"):
+        load_hparams("ft-l", "gpt2-xl", "gpt2", str(path))
     with pytest.raises(EditorError, match="not supported"):
         from_easyedit({"alg_name": "SERAC"}, "rome", "gpt2", "f.yaml")
 
@@ -349,10 +355,10 @@ def test_easyedit_ft_and_kn_files() -> None:
     ft = dict(alg_name="FT", model_name="gpt2-xl", device=4, layers=[0], num_steps=25, batch_size=3, max_length=40,
               lr="5e-4", weight_decay=0, kl_factor=0, norm_constraint="5e-4", objective_optimization="prompt_last",
               rewrite_module_tmp="transformer.h.{}.mlp.c_proj")
-    hp = from_easyedit(ft, "ft", "gpt2", "ft.yaml")
+    hp = from_easyedit(ft, "ft-l", "gpt2", "ft.yaml")
     assert hp["lr"] == 5e-4 and hp["norm_constraint"] == 5e-4 and hp["num_steps"] == 25 and "kl_factor" not in hp
     with pytest.raises(EditorError, match="ft-m"):
-        from_easyedit({**ft, "objective_optimization": "target_new"}, "ft", "gpt2", "ft.yaml")
+        from_easyedit({**ft, "objective_optimization": "target_new"}, "ft-l", "gpt2", "ft.yaml")
     kn = dict(alg_name="KN", model_name="gpt2-xl", device=0, lr_scale=1.0, n_toks=10, refine=False, batch_size=20,
               steps=20, adaptive_threshold=0.2, p=0.4)
     hp = from_easyedit(kn, "kn", "gpt2", "kn.yaml")

@@ -156,8 +156,8 @@ def test_rome_identity_covariance(cache: Path) -> None:
 @pytest.mark.parametrize("name", TINY)
 def test_ft_constrained(cache: Path, name: str) -> None:
     bundle = load_model(name, "cpu")
-    hp, _ = load_hparams("ft", bundle.name, bundle.arch.family)
-    editor = get_editor("ft")(bundle, hp)
+    hp, _ = load_hparams("ft-l", bundle.name, bundle.arch.family)
+    editor = get_editor("ft-l")(bundle, hp)
     names = editor.parameters_to_touch([CASE])
     params = dict(bundle.model.named_parameters())
     originals = {n: params[n].detach().clone() for n in names}

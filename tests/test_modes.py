@@ -74,9 +74,9 @@ def quiet_cfg(editor: str, **kw) -> RunConfig:
 
 
 def ft_editor(bundle) -> Editor:
-    hparams, _ = load_hparams("ft", bundle.name, bundle.arch.family)
+    hparams, _ = load_hparams("ft-l", bundle.name, bundle.arch.family)
     hparams.update(num_steps=4, lr=5e-3, norm_constraint=1e-2)  # a visible, still deterministic change
-    return get_editor("ft")(bundle, hparams)
+    return get_editor("ft-l")(bundle, hparams)
 
 
 def weights(bundle, names: list[str]) -> dict[str, torch.Tensor]:
@@ -92,7 +92,7 @@ def test_batch_of_non_batched_editor_equals_one_by_one(tiny_model, tmp_path):
     original = weights(tiny_model, names)
     model, tok, dev = tiny_model.model, tiny_model.tokenizer, tiny_model.device
     pre2 = counterfact_scores(case_target_nll(model, tok, c2, dev))
-    cfg = quiet_cfg("ft")
+    cfg = quiet_cfg("ft-l")
     try:
         records = run_batch(tiny_model, editor, [c1, c2], ["France"], cfg, tmp_path, batch_index=7, keep_edits=True)
         batched = weights(tiny_model, names)
@@ -184,8 +184,8 @@ def test_sequential_curve_points_and_bitwise_restore(tiny_model, tmp_path, monke
     before = {n: p.detach().clone() for n, p in tiny_model.model.named_parameters()}
     model, tok, dev = tiny_model.model, tiny_model.tokenizer, tiny_model.device
     base_ppl = wiki_perplexity(model, tok, dev, list(texts))
-    cfg = RunConfig(editor="ft", circuits=False, sequential=True, eval_every=2, curve_ppl_texts=3)
-    writer = RunWriter(tmp_path / "run", {"editor": "ft"})
+    cfg = RunConfig(editor="ft-l", circuits=False, sequential=True, eval_every=2, curve_ppl_texts=3)
+    writer = RunWriter(tmp_path / "run", {"editor": "ft-l"})
     points = run_sequential(tiny_model, editor, cases, ["France"], cfg, writer)
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)  # restored once, at the end
@@ -254,9 +254,9 @@ def test_cli_batch_run_one_line_per_case(tmp_path, monkeypatch, device):
 
 
 def test_cli_mode_errors_exit_2(capsys):
-    assert main(["run", "--editor", "ft", "--model", "tiny-gpt2", "--eval-every", "3"]) == 2
+    assert main(["run", "--editor", "ft-l", "--model", "tiny-gpt2", "--eval-every", "3"]) == 2
     assert "--eval-every needs --sequential" in capsys.readouterr().err
-    assert main(["run", "--editor", "ft", "--model", "tiny-gpt2", "--batch-size", "0"]) == 2
+    assert main(["run", "--editor", "ft-l", "--model", "tiny-gpt2", "--batch-size", "0"]) == 2
     assert "--batch-size must be at least 1" in capsys.readouterr().err
 
 
