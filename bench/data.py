@@ -112,6 +112,7 @@ class LoadedDataset:
     sha256: str  # of the file bytes
     cases: list[EditCase]
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (case_id, reason)
+    split: dict[str, Any] | None = None  # which split of the file the cases are (the built-in facts only)
 
 
 def validate_case(case: EditCase) -> str | None:
@@ -769,17 +770,42 @@ def _load_source(name: str, seed: int) -> LoadedDataset:
     return loaded
 
 
-def _load_facts() -> LoadedDataset:
+# The built-in facts are split once, by a fixed rule: within each relation, in file order, every
+# DEV_EVERY-th case (positions 3, 7, 11, ...) is the dev split, the rest the test split. `bench tune`
+# searches hyperparameters on dev; `facts` (what `bench run` and the leaderboard report) is test only.
+DEV_EVERY = 4
+FACTS_SPLITS = ("test", "dev", "all")
+SPLIT_RULE = f"per relation in file order, positions {DEV_EVERY - 1}, {2 * DEV_EVERY - 1}, ... are dev; the rest test"
+
+
+def facts_split_of(cases: list[EditCase]) -> dict[str, str]:
+    """case_id -> 'dev' or 'test', by SPLIT_RULE."""
+    position: dict[str, int] = {}
+    out = {}
+    for case in cases:
+        index = position[case.relation] = position.get(case.relation, -1) + 1
+        out[case.case_id] = "dev" if index % DEV_EVERY == DEV_EVERY - 1 else "test"
+    return out
+
+
+def _load_facts(split: str = "test") -> LoadedDataset:
     if not FACTS_PATH.is_file():
         raise DatasetError(f"dataset 'facts': file not found at {FACTS_PATH}; "
                            f"it ships with the repository under datasets/facts.json")
     loaded = load_builtin(FACTS_PATH)
-    loaded.name = "facts"
+    of = facts_split_of(loaded.cases)
+    kept = [c for c in loaded.cases if split == "all" or of[c.case_id] == split]
+    loaded.split = {"name": split, "rule": SPLIT_RULE, "n_cases": len(kept),
+                    "n_excluded": len(loaded.cases) - len(kept)}
+    loaded.cases = kept
+    loaded.name = "facts" if split == "test" else f"facts:{split}"
     return loaded
 
 
 DATASETS: dict[str, Callable[[], LoadedDataset]] = {
     "facts": _load_facts,
+    "facts:dev": lambda: _load_facts("dev"),
+    "facts:all": lambda: _load_facts("all"),
     **{name: (lambda name=name: _load_source(name, 0)) for name in SOURCES},
 }
 DEFAULT_DATASET = "facts"
@@ -788,7 +814,9 @@ LRE_PREFIX = "lre:"
 
 def dataset_descriptions() -> dict[str, str]:
     """One line per registered name, for `python -m bench list datasets`."""
-    out = {"facts": "the built-in fact set, datasets/facts.json"}
+    out = {"facts": "the built-in fact set, datasets/facts.json: its test split (what the leaderboard reports)",
+           "facts:dev": f"the built-in facts' dev split, for `bench tune` ({SPLIT_RULE})",
+           "facts:all": "the built-in facts, both splits"}
     for name, source in SOURCES.items():
         env = os.environ.get(source.env)
         where = (f"${source.env}={env}" if env else str(source.shared) if source.shared and source.shared.is_file()
@@ -843,8 +871,10 @@ def load_dataset(name_or_path: str | os.PathLike[str], seed: int = 0) -> LoadedD
     ``seed`` picks the counterfactual targets of ``lre:`` cases and the MQuAKE neighbourhood.
     """
     key = str(name_or_path)
-    if key == "facts":
+    if key in ("facts", "facts:test"):
         return _load_facts()
+    if key.startswith("facts:") and key[len("facts:"):] in FACTS_SPLITS:
+        return _load_facts(key[len("facts:"):])
     if key in SOURCES:
         return _load_source(key, seed)
     if key.startswith(LRE_PREFIX):

@@ -441,6 +441,7 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     bundle = load_model(cfg.model, cfg.device, cfg.dtype)
     hparams, hparams_path = load_hparams(cfg.editor, cfg.model, bundle.arch.family, cfg.hparams)
     editor = editor_cls(bundle, hparams)
+    editor.observe_dataset(list(data.cases))
     cases, counts = select_cases(bundle, data, cfg.n, cfg.only_known)
     log.info("loading: %d cases kept (%d rejected, %d not known to the model)", counts["kept"], counts["rejected"],
              counts["unknown_skipped"])
@@ -450,7 +451,7 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
                          + (" (drop --known-only to edit every valid record)" if cfg.only_known else ""))
     manifest = {"editor": cfg.editor, "hparams": hparams, "hparams_file": hparams_path, "seed": cfg.seed,
                 "model": bundle.provenance, "device": str(bundle.device),
-                "dataset": {"name": data.name, "path": data.path, "sha256": data.sha256},
+                "dataset": {"name": data.name, "path": data.path, "sha256": data.sha256, "split": data.split},
                 "cases": counts, "circuits": {"enabled": cfg.circuits, "method": "eap", "top_n": cfg.top_n,
                                               "metric": "log-prob of the answer's first token"},
                 "mode": mode_manifest(cfg),

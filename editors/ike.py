@@ -1,34 +1,39 @@
 """IKE: in-context knowledge editing (Zheng et al. 2023, "Can We Edit Factual Knowledge by In-Context Learning?").
 
-No weight changes. The new fact f = "<rewrite prompt> <target_new>" is put in the context C, and a query
-x is answered from [C; x] (paper §3, eq. 1: o' = argmax P(o | C, x)). C is a list of demonstrations, each
-in the paper's format "New Fact: <fact>\\nPrompt: <prompt> <answer>\\n\\n", of three kinds (paper §3.2):
+No weight changes. The new fact f = "<rewrite prompt> <target_new>" is put in the context, and every scored
+prompt x is answered from [C; "New Fact: f\\nPrompt: x"] (paper §3, eq. 1; EasyEdit's evaluation format).
+C holds k demonstrations of *other* facts, of the paper's three kinds (§3.2), each in the format
+"New Fact: <fact>\\nPrompt: <prompt> <answer>\\n\\n":
 
-- copy:   the prompt is the fact's own prompt, the answer the new target;
-- update: the prompt is a paraphrase of the fact's prompt, the answer the new target;
-- retain: the prompt is an unrelated (neighbourhood) prompt, the answer its unchanged true answer.
+- copy:   the other fact's own prompt, answered with its new target;
+- update: a paraphrase of the other fact's prompt, answered with its new target;
+- retain: one of the other fact's neighbourhood prompts, answered with its unchanged true answer.
 
-The query follows the demonstrations as "New Fact: <fact>\\nPrompt: <query>" (EasyEdit's evaluation
-format), and the harness scores the prefixed prompts (`evaluation_case`).
+As EasyEdit builds them (`easyeditor/models/ike/util.py`): one demonstration of each kind per pool record
+(its first paraphrase, its first neighbour), and the k most similar to the query
+"New Fact: f\\nPrompt: <rewrite prompt>\\n\\n" are prepended, most similar first
+(`models/ike/ike_main.py`; its gpt2-xl file sets k = 16, the paper k = 32).
 
-What differs from the paper, deliberately:
-- The paper retrieves k = 32 demonstrations of *other* facts from a training split by sentence-
-  embedding similarity. Here every demonstration is built from the edited case itself: one copy
-  demonstration, up to `n_update` update demonstrations from the case's paraphrases and up to
-  `n_retain` retain demonstrations from its neighbourhood prompts, all under the case's own new fact.
-- The paraphrases and neighbourhood prompts are also what the harness scores (PS, NS). To keep a
-  prompt from seeing its own answer, every scored prompt gets its own prefix that leaves that prompt
-  out (leave-one-out): paraphrase i is scored after update demonstrations from the other paraphrases
-  only, neighbourhood prompt k after retain demonstrations from the other neighbourhood prompts only.
-  The rewrite prompt sees the copy demonstration, as in the paper.
-- Demonstrations are ordered copy, then update and retain alternating (the paper orders them by
-  similarity). When a prefixed prompt and its answer would not fit the model's context window, the
-  last demonstrations are dropped until it fits (the copy demonstration is kept).
+The pool is the run's dataset (`Editor.observe_dataset`): every other record, leaving out the edited case,
+every record with the same subject, and every demonstration whose text contains one of the case's scored
+prompts (rewrite, paraphrases, neighbourhood, locality, portability), so no scored prompt is ever shown
+with an answer.
+
+Variant, named: retrieval is lexical ("tfidf"): cosine similarity of TF-IDF vectors of lower-cased word
+tokens, idf = ln((1 + N) / (1 + df)) + 1 over the pool's demonstrations; ties keep pool order. IKE and
+EasyEdit embed with a sentence encoder (EasyEdit: all-MiniLM-L6-v2), which is not available offline here.
+
+When the demonstrations, a query and what follows it (its longest answer, or the GENERATED_TOKENS tokens that
+the generation metrics decode) would not fit the model's context window, the least similar demonstrations
+are dropped until the longest query of the case fits.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from bench.tokens import prompt_ids, target_ids
@@ -37,6 +42,9 @@ from editors.base import EditOutcome, Editor, EditorError, register
 if TYPE_CHECKING:
     from bench.data import EditCase
     from bench.models import ModelBundle
+
+GENERATED_TOKENS = 20  # the tokens bench/metrics.py decodes after a prompt (GENERATION_MAX_NEW_TOKENS)
+RETRIEVALS = ("tfidf",)
 
 
 def demonstration(fact: str, prompt: str, answer: str) -> str:
@@ -47,72 +55,128 @@ def query_text(fact: str, prompt: str) -> str:
     return f"New Fact: {fact}\nPrompt: {prompt}"
 
 
-def _interleave(first: list[str], second: list[str]) -> list[str]:
-    out: list[str] = []
-    for i in range(max(len(first), len(second))):
-        out += first[i: i + 1] + second[i: i + 1]
-    return out
+def new_fact(case: EditCase) -> str:
+    return f"{case.rewrite_prompt} {case.target_new}"
 
 
-def demonstrations(case: EditCase, n_update: int, n_retain: int, skip_paraphrase: int | None = None,
-                   skip_neighbour: int | None = None) -> list[str]:
-    """Copy, update and retain demonstrations for one case, leaving out the prompt being scored."""
-    fact = f"{case.rewrite_prompt} {case.target_new}"
-    copy = [demonstration(fact, case.rewrite_prompt, case.target_new)]
-    update = [demonstration(fact, p, case.target_new) for i, p in enumerate(case.paraphrases)
-              if i != skip_paraphrase][:n_update]
-    retain = [demonstration(fact, p, a) for k, (p, a) in enumerate(case.neighborhood)
-              if k != skip_neighbour][:n_retain]
-    return copy + _interleave(update, retain)
+def pool_demonstrations(case: EditCase) -> list[str]:
+    """The copy, update and retain demonstrations one pool record contributes (EasyEdit's encode_ike_facts)."""
+    fact = new_fact(case)
+    demos = [demonstration(fact, case.rewrite_prompt, case.target_new)]
+    if case.paraphrases:
+        demos.append(demonstration(fact, case.paraphrases[0], case.target_new))
+    if case.neighborhood:
+        demos.append(demonstration(fact, *case.neighborhood[0]))
+    return demos
+
+
+def scored_prompts(case: EditCase) -> list[str]:
+    """Every prompt the harness scores for this case."""
+    pairs = (*case.neighborhood, *case.locality, *case.portability)
+    return [case.rewrite_prompt, *case.paraphrases, *(p for p, _ in pairs)]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+@dataclass
+class Pool:
+    """Demonstrations of the dataset's records, with their TF-IDF vectors."""
+
+    owners: list[EditCase]  # the record each demonstration comes from
+    texts: list[str]
+    idf: dict[str, float]
+    vectors: list[dict[str, float]]
+
+    @classmethod
+    def build(cls, cases: list[EditCase]) -> Pool:
+        owners, texts = [], []
+        for case in cases:
+            for text in pool_demonstrations(case):
+                owners.append(case)
+                texts.append(text)
+        df = Counter(word for text in texts for word in set(words(text)))
+        idf = {word: math.log((1 + len(texts)) / (1 + n)) + 1 for word, n in df.items()}
+        pool = cls(owners, texts, idf, [])
+        pool.vectors = [pool.vector(text) for text in texts]
+        return pool
+
+    def vector(self, text: str) -> dict[str, float]:
+        """L2-normalised TF-IDF; words outside the pool get the largest idf."""
+        unseen = math.log(1 + len(self.texts)) + 1
+        raw = {word: count * self.idf.get(word, unseen) for word, count in Counter(words(text)).items()}
+        norm = math.sqrt(sum(v * v for v in raw.values())) or 1.0
+        return {word: v / norm for word, v in raw.items()}
+
+    def nearest(self, case: EditCase, k: int) -> list[str]:
+        """The k demonstrations most similar to the case's query, most similar first, leak-free."""
+        query = self.vector(query_text(new_fact(case), case.rewrite_prompt) + "\n\n")
+        hidden = scored_prompts(case)
+        scored = []
+        for index, (owner, text) in enumerate(zip(self.owners, self.texts)):
+            if owner.case_id == case.case_id or owner.subject == case.subject:
+                continue
+            if any(prompt in text for prompt in hidden):
+                continue
+            similarity = sum(v * self.vectors[index].get(word, 0.0) for word, v in query.items())
+            scored.append((-similarity, index))
+        return [self.texts[index] for _, index in sorted(scored)[:k]]
 
 
 @register("ike")
 class InContextEditor(Editor):
-    """IKE (Zheng et al. 2023): copy/update/retain demonstrations before every prompt; no weight change."""
+    """IKE (Zheng et al. 2023): k retrieved demonstrations of other facts before every prompt; no weight change."""
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        self.n_update = int(hparams.get("n_update", 3))
-        self.n_retain = int(hparams.get("n_retain", 4))
-        if self.n_update < 0 or self.n_retain < 0:
-            raise EditorError("ike: n_update and n_retain must be >= 0")
+        self.k = hparams.get("k", 16)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise EditorError(f"ike: k must be an integer >= 0; got {self.k!r}")
+        self.retrieval = hparams.get("retrieval", "tfidf")
+        if self.retrieval not in RETRIEVALS:
+            raise EditorError(f"ike: retrieval must be one of {', '.join(RETRIEVALS)}; got {self.retrieval!r}")
+        self.pool = Pool.build([])
+
+    def observe_dataset(self, cases: list[EditCase]) -> None:
+        self.pool = Pool.build(cases)
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
         return []
 
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         tok = self.bundle.tokenizer
+        shown = [len(self.demonstrations(case)) for case in cases]
         lengths = [len(prompt_ids(tok, self.evaluation_case(case).rewrite_prompt)) for case in cases]
-        return EditOutcome(layers=[], stats={"n_cases": len(cases),
+        return EditOutcome(layers=[], stats={"n_cases": len(cases), "demonstrations": sum(shown) / max(len(cases), 1),
                                              "rewrite_prompt_tokens": sum(lengths) / max(len(cases), 1)})
 
     def context_limit(self) -> int | None:
         config = self.bundle.model.config
         return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
-    def prefix(self, case: EditCase, skip_paraphrase: int | None = None, skip_neighbour: int | None = None,
-               query: str = "", answers: tuple[str, ...] = ()) -> str:
-        """The demonstrations, fewer if query + longest answer would overflow the context window."""
-        demos = demonstrations(case, self.n_update, self.n_retain, skip_paraphrase, skip_neighbour)
+    def demonstrations(self, case: EditCase) -> list[str]:
+        """The retrieved demonstrations, the least similar dropped until every query of the case fits."""
+        demos = self.pool.nearest(case, self.k)
         limit, tok = self.context_limit(), self.bundle.tokenizer
         if limit is None:
-            return "".join(demos)
-        answer_len = max((len(target_ids(tok, a)) for a in answers), default=0)
-        while len(demos) > 1 and len(prompt_ids(tok, "".join(demos) + query)) + answer_len > limit:
+            return demos
+        fact = new_fact(case)
+        answers = [case.target_new, case.target_true, *(a for _, a in case.neighborhood)]
+        room = max(GENERATED_TOKENS, *(len(target_ids(tok, a)) for a in answers))
+        longest = max((query_text(fact, p) for p in scored_prompts(case)), key=lambda q: len(prompt_ids(tok, q)))
+        while demos and len(prompt_ids(tok, "".join(demos) + longest)) + room > limit:
             demos.pop()
-        return "".join(demos)
-
-    def _prefixed(self, case: EditCase, query: str, answers: tuple[str, ...], **skip: int) -> str:
-        return self.prefix(case, query=query, answers=answers, **skip) + query
+        return demos
 
     def evaluation_case(self, case: EditCase) -> EditCase:
-        """Every scored prompt behind its own (leave-one-out) demonstrations and the new-fact line."""
-        fact = f"{case.rewrite_prompt} {case.target_new}"
-        both = (case.target_new, case.target_true)
-        template = self._prefixed(case, query_text(fact, case.rewrite_prompt), both)
-        template = template[: -len(case.rewrite_prompt)].replace("{}", "{ }") + case.prompt
-        paraphrases = tuple(self._prefixed(case, query_text(fact, p), both, skip_paraphrase=i)
-                            for i, p in enumerate(case.paraphrases))
-        neighborhood = tuple((self._prefixed(case, query_text(fact, p), (case.target_new, a), skip_neighbour=k), a)
-                             for k, (p, a) in enumerate(case.neighborhood))
-        return replace(case, prompt=template, paraphrases=paraphrases, neighborhood=neighborhood)
+        """Every scored prompt behind the case's demonstrations and its new-fact line."""
+        fact = new_fact(case)
+        prefix = "".join(self.demonstrations(case))
+        head = (prefix + query_text(fact, "")).replace("{}", "{ }")  # keep the template's one placeholder
+        return replace(
+            case, prompt=head + case.prompt,
+            paraphrases=tuple(prefix + query_text(fact, p) for p in case.paraphrases),
+            neighborhood=tuple((prefix + query_text(fact, p), a) for p, a in case.neighborhood),
+            locality=tuple((prefix + query_text(fact, p), a) for p, a in case.locality),
+            portability=tuple((prefix + query_text(fact, p), a) for p, a in case.portability))

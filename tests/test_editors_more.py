@@ -1,4 +1,4 @@
-"""FT-M, KN, GRACE and IKE on the tiny random-init models (fast), each checked against an independent computation."""
+"""FT-M, KN and GRACE on the tiny random-init models (fast), each checked against an independent computation."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from bench.tokens import build_batch, next_token_logprobs, prompt_ids, target_id
 from editors.base import get_editor, load_hparams
 from editors.ft import target_nll
 from editors.grace import Codebook
-from editors.ike import demonstrations
 from editors.kn import coarse_neurons, integrated_gradients, refine
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
@@ -298,77 +297,3 @@ def test_grace_through_run_case(tmp_path) -> None:
     assert record["status"] == "ok" and record["post"]["efficacy_score"] == 1.0
     assert record["post"]["p_new"] > 3 * record["pre"]["p_new"]
     assert editor.codebook is None and not editor._module()._forward_hooks
-
-
-# --- IKE ---------------------------------------------------------------------------
-
-def test_ike_demonstrations_leave_the_scored_prompt_out() -> None:
-    case = a_case()
-    fact = "The capital of France is London"
-    demos = demonstrations(case, n_update=3, n_retain=4, skip_paraphrase=1, skip_neighbour=2)
-    assert demos[0] == f"New Fact: {fact}\nPrompt: {fact}\n\n"  # copy
-    text = "".join(demos)
-    assert f"Prompt: {case.paraphrases[1]} London" not in text
-    assert f"Prompt: {case.paraphrases[0]} London" in text and f"Prompt: {case.paraphrases[2]} London" in text
-    assert "Prompt: The capital of Japan is Tokyo" not in text  # neighbour 2 left out
-    assert "Prompt: The capital of Germany is Berlin" in text and "Prompt: The capital of Egypt is Cairo" in text
-    assert len(demos) == 1 + 2 + 4
-
-
-@pytest.mark.parametrize("name", TINY)
-def test_ike_scores_prefixed_prompts_and_keeps_weights(name: str, tmp_path) -> None:
-    bundle = load_model(name, "cpu")
-    editor = editor_for("ike", bundle)
-    case = a_case()
-    edited = editor.evaluation_case(case)
-    assert edited.rewrite_prompt.endswith("Prompt: The capital of France is")
-    assert edited.rewrite_prompt.startswith("New Fact: The capital of France is London\n")
-    for original, prefixed in zip(case.paraphrases, edited.paraphrases):
-        assert prefixed.endswith(f"Prompt: {original}") and len(prefixed) > len(original) + 100
-    assert [a for _, a in edited.neighborhood] == [a for _, a in case.neighborhood]
-    before = snapshot(bundle)
-    record = run_case(bundle, editor, case, POOL, RunConfig(editor="ike", circuits=False), tmp_path)
-    assert record["status"] == "ok" and not changed(bundle, before)
-    expected = counterfact_scores(case_target_nll(bundle.model, bundle.tokenizer, edited, bundle.device))
-    plain = counterfact_scores(case_target_nll(bundle.model, bundle.tokenizer, case, bundle.device))
-    assert record["post"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
-    assert record["pre"] == pytest.approx(plain, rel=1e-5, abs=1e-9)
-    assert record["post"]["p_new"] != pytest.approx(plain["p_new"], rel=1e-3, abs=0)
-
-
-def test_ike_drops_demonstrations_to_fit_the_context() -> None:
-    bundle = load_model("tiny-gpt2", "cpu")  # 256 positions, a byte-level tokenizer: 8 demonstrations overflow
-    editor = get_editor("ike")(bundle, {"n_update": 3, "n_retain": 4})
-    case = a_case()
-    limit = bundle.model.config.n_positions
-    full = "".join(demonstrations(case, 3, 4)) + case.rewrite_prompt
-    assert len(prompt_ids(bundle.tokenizer, full)) > limit  # precondition
-    edited = editor.evaluation_case(case)
-    prompts = [(edited.rewrite_prompt, case.target_new), *((p, case.target_new) for p in edited.paraphrases),
-               *edited.neighborhood]
-    for prompt, answer in prompts:
-        assert len(prompt_ids(bundle.tokenizer, prompt)) + len(target_ids(bundle.tokenizer, answer)) <= limit
-        assert prompt.startswith("New Fact: The capital of France is London\nPrompt: The capital of France is London")
-
-
-def test_ike_corrupted_prompt_swaps_the_query_subject() -> None:
-    bundle = load_model("tiny-gpt2", "cpu")
-    edited = get_editor("ike")(bundle, {}).evaluation_case(a_case())
-    batch = circuit_batch(bundle.tokenizer, edited, "London", POOL, "cpu", seed=0)
-    assert batch is not None
-    tok = bundle.tokenizer
-    for clean, corrupt, mask in zip(batch.clean_ids, batch.corrupt_ids, batch.attention_mask):
-        n = int(mask.sum())
-        clean_text, corrupt_text = tok.decode(clean[:n]), tok.decode(corrupt[:n])
-        head = clean_text.rsplit("Prompt:", 1)[0]
-        assert corrupt_text.startswith(head)  # demonstrations untouched
-        assert "France" in clean_text.rsplit("Prompt:", 1)[1] and "France" not in corrupt_text.rsplit("Prompt:", 1)[1]
-
-
-def test_ike_circuit_on_prefixed_prompts(tmp_path) -> None:
-    bundle = load_model("tiny-llama", "cpu")
-    editor = get_editor("ike")(bundle, {"n_update": 1, "n_retain": 1})
-    record = run_case(bundle, editor, a_case(), POOL, RunConfig(editor="ike", top_n=40), tmp_path)
-    assert record["status"] == "ok"
-    assert record.get("circuit_faithfulness_post") is not None and math.isfinite(record["circuit_faithfulness_post"])
-    assert "circuit_edge_jaccard" in record and list(tmp_path.glob("*.post.json"))

@@ -73,10 +73,10 @@ def quiet_cfg(editor: str, **kw) -> RunConfig:
     return RunConfig(editor=editor, circuits=False, ppl_texts=0, curve_ppl_texts=0, **kw)
 
 
-def ft_editor(bundle) -> Editor:
-    hparams, _ = load_hparams("ft-l", bundle.name, bundle.arch.family)
+def ft_editor(bundle, name: str = "ft-l") -> Editor:
+    hparams, _ = load_hparams(name, bundle.name, bundle.arch.family)
     hparams.update(num_steps=4, lr=5e-3, norm_constraint=1e-2)  # a visible, still deterministic change
-    return get_editor("ft-l")(bundle, hparams)
+    return get_editor(name)(bundle, hparams)
 
 
 def weights(bundle, names: list[str]) -> dict[str, torch.Tensor]:
@@ -86,13 +86,13 @@ def weights(bundle, names: list[str]) -> dict[str, torch.Tensor]:
 # --- --batch-size ---------------------------------------------------------------------------
 
 def test_batch_of_non_batched_editor_equals_one_by_one(tiny_model, tmp_path):
-    """FT (not batched) on a batch of 2 = apply([c1]) then apply([c2]); pre-scores come before any edit."""
-    editor, (c1, c2) = ft_editor(tiny_model), facts(2)
+    """FT-M (not batched) on a batch of 2 = apply([c1]) then apply([c2]); pre-scores come before any edit."""
+    editor, (c1, c2) = ft_editor(tiny_model, "ft-m"), facts(2)
     names = editor.parameters_to_touch([c1])
     original = weights(tiny_model, names)
     model, tok, dev = tiny_model.model, tiny_model.tokenizer, tiny_model.device
     pre2 = counterfact_scores(case_target_nll(model, tok, c2, dev))
-    cfg = quiet_cfg("ft-l")
+    cfg = quiet_cfg("ft-m")
     try:
         records = run_batch(tiny_model, editor, [c1, c2], ["France"], cfg, tmp_path, batch_index=7, keep_edits=True)
         batched = weights(tiny_model, names)
