@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
-from bench.corrupt import circuit_batch
 from bench.data import EditCase
 from bench.models import ModelBundle, load_model
 from bench.run import RunConfig, all_finite, run_case

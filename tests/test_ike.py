@@ -114,7 +114,8 @@ def test_scored_prompts_sit_behind_the_demonstrations_and_weights_stay(name: str
     assert record["status"] == "ok"
     assert all((p == before[n]).all() for n, p in bundle.model.named_parameters())
     expected = counterfact_scores(case_target_nll(bundle.model, bundle.tokenizer, edited, bundle.device))
-    assert record["post"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    scalars = {key: value for key, value in expected.items() if isinstance(value, float)}
+    assert {key: record["post"][key] for key in scalars} == pytest.approx(scalars, rel=1e-5, abs=1e-9)
 
 
 def test_demonstrations_leave_room_for_the_generated_tokens(facts, tmp_path) -> None:
