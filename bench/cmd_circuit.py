@@ -1,8 +1,12 @@
 """`python -m bench circuit`: the knowledge circuit of one relation (LRE file) or of one fact.
 
 Writes to --output: circuit.json (circuits.circuit.Circuit), report.json (circuits/relation.py's
-evaluation plus the per-layer view of circuits/layers.py), circuit.svg and circuit.png (Graphviz; skipped
-with one warning when `dot` is missing) and layers.png.
+evaluation, its setting, and the per-layer view of circuits/layers.py), circuit.svg and circuit.png
+(matplotlib), circuit.dot (the same figure as Graphviz source) and layers.png.
+
+`--setting kc` is the Knowledge Circuits setting (Yao et al. 2024; circuits/relation.py's module doc):
+EAP attribution with zero ablation and KC's match_nll metric, KC's validation/test split of the first
+zero-shot template, the circuit's size chosen on the validation split.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ HELP = "find and evaluate the knowledge circuit of a relation (or of one fact); 
 log = logging.getLogger("bench")
 
 
+SETTINGS = ("default", "kc")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.models import DEFAULT_MODEL
+    from circuits.ablation import ABLATIONS
     from circuits.attribute import METHODS
     from circuits.circuit import DEFAULT_TOP_N
-    from circuits.relation import RELATION_TOP_N
+    from circuits.metrics import METRICS
+    from circuits.relation import KC_EXAMPLES
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--relation", default=None, help="LRE relation name (../shared/data/lre/*/NAME.json) or a path")
@@ -34,9 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer", default=None, help="the answer the prompt should produce (with --prompt)")
     parser.add_argument("--subject", default=None,
                         help="with --prompt: the span to corrupt (default: the last run of capitalised words)")
-    parser.add_argument("--method", default="eap", choices=METHODS, help="attribution method (default eap)")
+    parser.add_argument("--setting", default="default", choices=SETTINGS,
+                        help="kc: the Knowledge Circuits setting (eap, zero ablation, match-nll, KC's split of "
+                             f"{KC_EXAMPLES} validation and {KC_EXAMPLES} test prompts); default: by-subject split")
+    parser.add_argument("--method", default=None, choices=METHODS, help="attribution method (default eap)")
+    parser.add_argument("--ablation", default=None, choices=ABLATIONS,
+                        help="what an edge outside the circuit carries (default corrupted; kc: zero)")
+    parser.add_argument("--metric", default=None, choices=METRICS,
+                        help="attribution and faithfulness metric (default logprob; kc: match-nll)")
+    graphs = _graph_choices()
+    parser.add_argument("--graph", default=None, choices=graphs,
+                        help=f"k/v receivers of grouped-query models: {' or '.join(graphs)} (default {graphs[0]})")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="few-shot demonstrations of the relation before every prompt (LRE's prompts; default 0)")
     parser.add_argument("--top-n", type=int, default=None,
-                        help=f"edges in the circuit (default {RELATION_TOP_N} for a relation, {DEFAULT_TOP_N} for one fact)")
+                        help="edges in the circuit (default for a relation: the smallest size that reaches the full "
+                             f"model's Hit@10 on the validation split; {DEFAULT_TOP_N} for one fact)")
     parser.add_argument("--output", default=None, help="output folder (default circuits-out/<relation or fact>)")
     parser.add_argument("--known-top-k", type=int, default=1,
                         help="keep facts whose answer's first token is in the model's top k (default 1; 0 keeps all)")
@@ -48,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def _graph_choices() -> tuple[str, ...]:
+    import circuits.graph as graph
+
+    return tuple(getattr(graph, "GRAPHS", ("grouped",)))
 
 
 def guess_subject(prompt: str) -> str:
@@ -65,19 +93,41 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("give either --relation NAME|PATH or --prompt \"...\" --answer \"...\"")
     if args.prompt is not None and not args.answer:
         raise ValueError("--prompt needs --answer")
-    if args.top_n is None:
+    if args.top_n is None and args.prompt is not None:
         from circuits.circuit import DEFAULT_TOP_N
-        from circuits.relation import RELATION_TOP_N
 
-        args.top_n = RELATION_TOP_N if args.relation is not None else DEFAULT_TOP_N
-    if args.top_n < 1:
+        args.top_n = DEFAULT_TOP_N
+    if args.top_n is not None and args.top_n < 1:
         raise ValueError("--top-n must be at least 1")
+    if args.shots < 0:
+        raise ValueError("--shots must be 0 or more")
+    if args.setting == "kc" and args.relation is None:
+        raise ValueError("--setting kc needs --relation")
+    if args.shots and args.relation is None:
+        raise ValueError("--shots needs --relation (the demonstrations are the relation's other samples)")
     if not 0 < args.validation_fraction < 1:
         raise ValueError("--validation-fraction must be between 0 and 1")
     if args.random_draws < 1:
         raise ValueError("--random-draws must be at least 1")
     if args.known_top_k < 0:
         raise ValueError("--known-top-k must be 0 (keep all) or more")
+
+
+def circuit_setting(args: argparse.Namespace):
+    """The CircuitSetting of the arguments; --setting kc fixes method, ablation and metric to KC's."""
+    from circuits.relation import KC_SETTING, CircuitSetting
+
+    chosen = {"method": args.method, "ablation": args.ablation, "metric": args.metric}
+    if args.setting == "kc":
+        clash = [f"--{k} {v}" for k, v in chosen.items() if v is not None and v != getattr(KC_SETTING, k)]
+        if clash:
+            raise ValueError(f"--setting kc is {KC_SETTING.method}, {KC_SETTING.ablation} ablation, "
+                             f"{KC_SETTING.metric}; drop {', '.join(clash)}")
+        base = KC_SETTING
+    else:
+        base = CircuitSetting()
+    return CircuitSetting(**{k: v if v is not None else getattr(base, k) for k, v in chosen.items()},
+                          shots=args.shots, graph=args.graph)
 
 
 def _subject_pool() -> list[tuple[str, str]]:
@@ -94,15 +144,25 @@ def _subject_pool() -> list[tuple[str, str]]:
 def _inputs(args: argparse.Namespace, bundle) -> tuple[Any, list[tuple[str, str]], dict[str, Any]]:
     """(RelationSplit, corruption samples, source description)."""
     from bench.lre import load_relation
-    from circuits.relation import Fact, RelationSplit, answer_ranks, prepare_split, relation_facts
+    from circuits.relation import (Fact, RelationSplit, answer_ranks, kc_split, kc_template, make_fact,
+                                   prepare_split, relation_facts)
 
     if args.relation is not None:
         relation = load_relation(args.relation)
-        split = prepare_split(bundle, relation.name, relation_facts(relation), relation.samples,
-                              known_top_k=args.known_top_k or None, validation_fraction=args.validation_fraction,
-                              seed=args.seed, max_validation=args.max_validation, max_test=args.max_test)
+        known = args.known_top_k or None
+        if args.setting == "kc":
+            template = kc_template(relation)
+            facts = [make_fact(template, s, o, relation.samples, args.shots, args.seed) for s, o in relation.samples]
+            split = kc_split(bundle, relation.name, facts, known_top_k=known)
+            templates = [template]
+        else:
+            facts = relation_facts(relation, shots=args.shots, seed=args.seed)
+            split = prepare_split(bundle, relation.name, facts, relation.samples, known_top_k=known,
+                                  validation_fraction=args.validation_fraction, seed=args.seed,
+                                  max_validation=args.max_validation, max_test=args.max_test)
+            templates = list(relation.prompt_templates)
         source = {"kind": "lre", "name": relation.name, "path": relation.path, "sha256": relation.sha256,
-                  "templates": list(relation.prompt_templates)}
+                  "templates": templates}
         return split, list(relation.samples), source
     subject = args.subject or guess_subject(args.prompt)
     if subject not in args.prompt:
@@ -111,45 +171,59 @@ def _inputs(args: argparse.Namespace, bundle) -> tuple[Any, list[tuple[str, str]
     rank = answer_ranks(bundle.model, bundle.tokenizer, [fact], bundle.device)[0]
     split = RelationSplit("fact", [fact], [fact], {"prompts_total": 1, "answer_rank": rank,
                                                    "known_criterion": "one fact: no filter",
-                                                   "note": "one fact: the same prompt builds and scores the circuit"})
+                                                   "note": "one fact: the same prompt builds and scores the circuit"},
+                          rule="one fact: the same prompt builds and scores the circuit")
     source = {"kind": "fact", "prompt": args.prompt, "answer": fact.object, "subject": subject}
     return split, _subject_pool() + [(subject, fact.object)], source
 
 
 def main(args: argparse.Namespace) -> int:
     from bench.models import load_model
-    from circuits.draw import circuit_dot, render
+    from circuits.draw import circuit_dot, draw_circuit
     from circuits.layers import layer_view, plot_layers
     from circuits.relation import build_relation_circuit, facts_as_dicts
 
     _check(args)
+    setting = circuit_setting(args)
     started = time.perf_counter()
     bundle = load_model(args.model, args.device, args.dtype)
     split, samples, source = _inputs(args, bundle)
     log.info("circuit: %s: %s", split.name, json.dumps(split.counts))
-    result = build_relation_circuit(bundle, split, samples, method=args.method, top_n=args.top_n, seed=args.seed,
+    result = build_relation_circuit(bundle, split, samples, setting=setting, top_n=args.top_n, seed=args.seed,
                                     random_draws=args.random_draws, curve=not args.no_curve)
     name = source.get("name") or re.sub(r"[^\w-]+", "_", source.get("subject", "fact"))
     out = Path(args.output or Path("circuits-out") / name)
     out.mkdir(parents=True, exist_ok=True)
     facts = result.test_facts
     view = layer_view(bundle, [f.prompt for f in facts], [f.subject for f in facts], [f.object for f in facts],
-                      set(result.circuit.nodes))
+                      set(result.circuit.nodes), contexts=[f.context for f in facts])
+    files = ["circuit.json", "report.json", "circuit.svg", "circuit.png", "circuit.dot", "layers.png"]
     report = dict(result.report, source=source, model=bundle.provenance, layers=view,
                   test_facts=facts_as_dicts(facts), command=" ".join(["python -m bench", *sys.argv[1:]]),
-                  files=["circuit.json", "report.json", "circuit.svg", "circuit.png", "layers.png"])
+                  files=files)
+    report["setting"]["name"] = args.setting
     report["seconds"]["total"] = time.perf_counter() - started
     result.circuit.save(out / "circuit.json")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    title = f"{bundle.name}: {name}, {args.method}, top {len(result.circuit.edges)} edges"
-    drawn = render(circuit_dot(result.circuit.edges, title), [out / "circuit.svg", out / "circuit.png"])
+    title = (f"{bundle.name}: {name}, {setting.method}, {setting.ablation} ablation, "
+             f"top {len(result.circuit.edges)} edges")
+    (out / "circuit.dot").write_text(circuit_dot(result.circuit.edges, title))
+    draw_circuit(result.circuit.edges, [out / "circuit.svg", out / "circuit.png"], title)
     plot_layers(view, out / "layers.png", f"{bundle.name}: {name} (test prompts: {view['n_prompts']})")
-    table = report["hit_at_10"]
-    print(f"wrote {out}/circuit.json, report.json, layers.png" + (", circuit.svg, circuit.png" if drawn else
-                                                                 " (no figures: graphviz 'dot' is missing)"))
-    print(f"{name}: {report['facts'].get('test_prompts')} test prompts, circuit of {table['n_edges']} edges; "
-          f"Hit@10 full model {table['full_model']:.3f}, circuit {table['circuit']:.3f}, "
-          f"random circuit {table['random_circuit']:.3f}; faithfulness {report['faithfulness']['faithfulness']:.3f}"
-          + (f"; CPR {report['faithfulness_curve']['cpr']:.3f}, CMD {report['faithfulness_curve']['cmd']:.3f}"
-             if "faithfulness_curve" in report else ""))
+    print(f"wrote {out}/{', '.join(files)}")
+    print(summary_line(name, report))
     return 0
+
+
+def summary_line(name: str, report: dict[str, Any]) -> str:
+    s = report["setting"]
+    parts = [f"{name} ({s['method']}, {s['ablation']} ablation, {s['metric']}, {s['graph']} graph, "
+             f"{s['shots']} shots): circuit of {report['circuit']['n_edges']} edges"]
+    for split in ("validation", "test"):
+        t = report["hit_at_10"][split]
+        parts.append(f"{split} ({t['n_prompts']} prompts) Hit@10 full {t['full_model']:.3f}, circuit "
+                     f"{t['circuit']:.3f}, random {t['random_circuit']:.3f}, faithfulness "
+                     f"{report['faithfulness'][split]['faithfulness']:.3f}")
+    if "faithfulness_curve" in report:
+        parts.append(f"CPR {report['faithfulness_curve']['cpr']:.3f}, CMD {report['faithfulness_curve']['cmd']:.3f}")
+    return "; ".join(parts)

@@ -35,7 +35,7 @@ def read_circuit(path: str):
 
 def main(args: argparse.Namespace) -> int:
     from circuits.circuit import overlap
-    from circuits.draw import diff_dot, diff_edges, render
+    from circuits.draw import diff_edges, draw_diff
 
     before, after = read_circuit(args.before), read_circuit(args.after)
     output = Path(args.output) if args.output else Path(args.after).with_name(Path(args.after).stem + "-diff.svg")
@@ -48,8 +48,8 @@ def main(args: argparse.Namespace) -> int:
     summary_path = output.with_suffix(".json")
     summary_path.write_text(json.dumps(summary, indent=2))
     title = f"{Path(args.before).name} (before) vs {Path(args.after).name} (after)"
-    drawn = render(diff_dot(before.edges, after.edges, title), [output])
+    draw_diff(before.edges, after.edges, [output], title)
     print(f"kept {len(groups['kept'])}, lost {len(groups['lost'])}, new {len(groups['new'])} edges; "
           f"edge Jaccard {summary['edge_jaccard']:.3f}")
-    print(f"wrote {summary_path}" + (f" and {output}" if drawn else " (no figure: graphviz 'dot' is missing)"))
+    print(f"wrote {summary_path} and {output}")
     return 0

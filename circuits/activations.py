@@ -29,11 +29,15 @@ class PairBatch:
     answer_pos: torch.Tensor  # [B] last real position
     answer_ids: torch.Tensor  # [B] first token of the answer
     corrupt_answer_ids: torch.Tensor | None = None  # [B] the corrupted prompt's answer (logit-diff), optional
+    ablate_mask: torch.Tensor | None = None  # [B, P] bool: the positions whose edges are ablated (None: all)
 
     @classmethod
     def from_rows(cls, rows: list[tuple[list[int], list[int], int]], pad_id: int, device: torch.device,
-                  padding_side: str = "right", corrupt_answers: list[int] | None = None) -> PairBatch:
-        """rows: (clean ids, corrupted ids of the same length, answer token id)."""
+                  padding_side: str = "right", corrupt_answers: list[int] | None = None,
+                  ablate_from: list[int] | None = None) -> PairBatch:
+        """rows: (clean ids, corrupted ids of the same length, answer token id). ablate_from: per row, the
+        first token position (in the unpadded row) whose edges are ablated; earlier positions (few-shot
+        demonstrations) always run clean."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not '{padding_side}'")
         width = max(len(c) for c, _, _ in rows)
@@ -48,7 +52,15 @@ class PairBatch:
         pos = torch.full((len(rows),), width - 1) if padding_side == "left" else mask.sum(1) - 1
         answers = torch.tensor([a for _, _, a in rows])
         wrong = torch.tensor(corrupt_answers).to(device) if corrupt_answers is not None else None
-        return cls(clean.to(device), corrupt.to(device), mask.to(device), pos.to(device), answers.to(device), wrong)
+        ablate = None
+        if ablate_from is not None:
+            ablate = mask.bool()
+            for i, ((c, _, _), start) in enumerate(zip(rows, ablate_from, strict=True)):
+                offset = width - len(c) if padding_side == "left" else 0
+                ablate[i, : offset + start] = False
+            ablate = ablate.to(device)
+        return cls(clean.to(device), corrupt.to(device), mask.to(device), pos.to(device), answers.to(device), wrong,
+                   ablate)
 
 
 def answer_logprob(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:

@@ -346,12 +346,23 @@ def node_scores(edge_scores: torch.Tensor) -> torch.Tensor:
     return edge_scores.sum(1)
 
 
+def check_method(method: str, ablation: str) -> None:
+    """EAP-IG over the inputs interpolates between the clean and the corrupted prompt, so it needs corrupted
+    patching; with zero or mean ablation it is rejected, as EAP-IG's own `attribute` rejects it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    if method == "eap-ig" and ablation != "corrupted":
+        raise ValueError(f"method 'eap-ig' (EAP-IG over the inputs) needs --ablation corrupted, not '{ablation}'; "
+                         "use eap or eap-ig-activations with zero or mean ablation")
+
+
 def attribute(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
               method: str = "eap", metric: str | Metric = "logprob", ablation: str = "corrupted",
               reference: PairBatch | None = None, steps: int = DEFAULT_IG_STEPS, level: str = "edge") -> torch.Tensor:
     """Edge scores [n_upstream, n_receivers] (level='edge') or node scores [n_upstream] (level='node')."""
     if level not in ("edge", "node"):
         raise ValueError(f"level must be 'edge' or 'node', not '{level}'")
+    check_method(method, ablation)
     common = dict(metric=metric, ablation=ablation, reference=reference)
     if method == "exact":
         from circuits.exact import exact_edge_scores, exact_node_scores

@@ -1,6 +1,7 @@
 """Faithfulness curves and their areas, as in the MIB circuit-localization track (Mueller et al. 2025).
 
-Normalised faithfulness of a circuit C (MIB, eq. for f; Yao et al. 2024 use the same normalisation):
+Normalised faithfulness of a circuit C (MIB, eq. for f; the Knowledge Circuits code has no such
+normalisation, it reports Hit@10 and the metric itself):
 
     f(C) = (m(C) - m(corrupted)) / (m(clean) - m(corrupted))
 

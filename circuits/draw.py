@@ -1,31 +1,28 @@
-"""Drawing circuits with Graphviz `dot`: one circuit, or two circuits on one figure (kept, lost and new edges).
+"""Drawing circuits with matplotlib (a project dependency): one circuit, or two circuits on one figure
+(kept, lost and new edges). The same figures as Graphviz DOT source (`circuit_dot`, `diff_dot`) for
+anyone who wants to lay them out with `dot`; nothing here needs it.
 
-Layout: the input at the top, then for each layer its attention heads on one rank and its MLP on the next,
+Layout: the input at the top, then for each layer its attention heads on one row and its MLP on the next,
 the logits at the bottom. Edge width grows with |score| (relative to the largest in the figure). The
 receiver's port is shown by colour and line style: q blue solid, k green dashed, v red dotted, the
-residual stream (MLP and logits inputs) grey solid. Under grouped-query attention a key/value group's
-k/v receiver is its own node `a{l}.kv{g}` on the heads' rank. In a diff figure colour shows the status
+residual stream (MLP and logits inputs) grey solid. In the grouped k/v graph a key/value group's k/v
+receiver is its own node `a{l}.kv{g}` on the heads' row. In a diff figure colour shows the status
 (kept dark grey, lost red, new green) and line style the port.
-
-When `dot` is not on PATH the figures are skipped with one warning per process; callers still write JSON.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-log = logging.getLogger("bench")
+from typing import Sequence
 
 PORT_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#555555"}
 PORT_STYLES = {"q": "solid", "k": "dashed", "v": "dotted", "": "solid"}
 STATUS_COLOURS = {"kept": "#444444", "lost": "#d62728", "new": "#2ca02c"}
 _NODE = re.compile(r"^a(\d+)\.(h|kv)(\d+)$|^m(\d+)$")
-_warned_missing_dot = False
+NODE_COLOURS = {"io": "#fff2cc", "mlp": "#dae8fc", "head": "#e1f5e1", "kv": "#f4f4f4"}
+MPL_STYLES = {"solid": "-", "dashed": "--", "dotted": ":"}
 
 
 @dataclass(frozen=True)
@@ -162,24 +159,114 @@ def _legend(entries: list[tuple[str, str, str]]) -> str:
     return "\n".join(out + ["  }"])
 
 
-def dot_available() -> bool:
-    return shutil.which("dot") is not None
+# --- matplotlib ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DrawnEdge:
+    sender: str
+    receiver: str
+    colour: str
+    style: str  # "solid", "dashed" or "dotted"
+    width: float
 
 
-def render(source: str, outputs: list[Path], timeout: float = 300.0) -> bool:
-    """Writes each output (format from its suffix: .svg, .png, .pdf) with `dot`; False when dot is missing."""
-    global _warned_missing_dot
-    if not dot_available():
-        if not _warned_missing_dot:
-            log.warning("graphviz 'dot' is not on PATH: circuit figures are skipped (JSON files are still "
-                        "written); install the OS package graphviz to draw them")
-            _warned_missing_dot = True
-        return False
-    for path in outputs:
-        fmt = path.suffix.lstrip(".") or "svg"
-        extra = ["-Gdpi=72", "-Gsize=30,30"] if fmt == "png" else []  # raster capped at 2160 px; SVG is exact
-        done = subprocess.run(["dot", f"-T{fmt}", *extra, "-o", str(path)], input=source, text=True,
-                              capture_output=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"dot failed on {path.name}: {done.stderr.strip()[:300]}")
-    return True
+def _node_order(node: str) -> tuple[int, int]:
+    """Within a row: heads by index, then k/v group nodes; the row's single node otherwise."""
+    match = _NODE.match(node)
+    if not match or match.group(1) is None:
+        return (0, 0)
+    return (0 if match.group(2) == "h" else 1, int(match.group(3)))
+
+
+def node_positions(nodes: set[str]) -> dict[str, tuple[float, float]]:
+    """(x, y) per node: one row per `node_rank` from the top (y = -row), nodes centred along the row."""
+    rows: dict[tuple[int, int], list[str]] = {}
+    for node in nodes:
+        rows.setdefault(node_rank(node), []).append(node)
+    positions = {}
+    for row, key in enumerate(sorted(rows)):
+        members = sorted(rows[key], key=_node_order)
+        for i, node in enumerate(members):
+            positions[node] = (i - (len(members) - 1) / 2, -float(row))
+    return positions
+
+
+def _node_kind(node: str) -> str:
+    if node in ("input", "logits"):
+        return "io"
+    return "mlp" if node.startswith("m") else "kv" if ".kv" in node else "head"
+
+
+def draw_figure(edges: Sequence[DrawnEdge], paths: Sequence[Path], title: str,
+                legend: Sequence[tuple[str, str, str]]) -> None:
+    """Writes the figure to each path (format from its suffix: .svg, .png or .pdf)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
+    nodes = {e.sender for e in edges} | {e.receiver for e in edges}
+    pos = node_positions(nodes)
+    widest = max((abs(x) for x, _ in pos.values()), default=0.0)
+    n_rows = 1 - min((y for _, y in pos.values()), default=0.0)
+    fig, ax = plt.subplots(figsize=(min(40.0, max(6.0, 1.1 * (2 * widest + 1) + 2)),
+                                    min(60.0, max(4.0, 0.45 * n_rows + 1.5))))
+    groups: dict[tuple[str, str], list[DrawnEdge]] = {}
+    for edge in edges:
+        groups.setdefault((edge.colour, edge.style), []).append(edge)
+    for (colour, style), members in groups.items():
+        segments = [[pos[e.sender], pos[e.receiver]] for e in members]
+        ax.add_collection(LineCollection(segments, colors=colour, linestyles=MPL_STYLES[style],
+                                         linewidths=[e.width for e in members], alpha=0.7, zorder=1))
+    for kind, colour in NODE_COLOURS.items():
+        members = [n for n in nodes if _node_kind(n) == kind]
+        if members:
+            marker = {"io": "D", "mlp": "s", "head": "o", "kv": "o"}[kind]
+            ax.scatter([pos[n][0] for n in members], [pos[n][1] for n in members], s=260, marker=marker,
+                       c=colour, edgecolors="#555555", linewidths=0.6, zorder=2)
+    for node, (x, y) in pos.items():
+        ax.text(x, y, node, ha="center", va="center", fontsize=6, zorder=3)
+    rows = sorted({node_rank(n) for n in nodes})
+    for row, key in enumerate(rows):
+        ax.text(-widest - 1.2, -row, _rank_label(key), ha="right", va="center", fontsize=7, color="#888888")
+    ax.set_xlim(-widest - 3.0, widest + 1.0)
+    ax.set_ylim(-n_rows, 1.0)
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    handles = [Line2D([0], [0], color=c, linestyle=MPL_STYLES[s], linewidth=2, label=label) for label, c, s in legend]
+    ax.legend(handles=handles, loc="upper right", fontsize=7, frameon=True)
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, format=Path(path).suffix.lstrip(".") or "svg", dpi=72)
+    plt.close(fig)
+
+
+def draw_circuit(edges: dict[str, float], paths: Sequence[Path], title: str = "circuit") -> None:
+    """One circuit: edge width by |score|, port by colour and style."""
+    largest = max((abs(s) for s in edges.values()), default=0.0)
+    drawn = []
+    for name, score in sorted(edges.items(), key=lambda item: abs(item[1])):
+        p = split_edge(name)
+        drawn.append(DrawnEdge(p.sender, p.receiver, PORT_COLOURS[p.port], PORT_STYLES[p.port],
+                               _width(score, largest) / 2))
+    legend = [(f"{port or 'resid'} input", PORT_COLOURS[port], PORT_STYLES[port]) for port in ("q", "k", "v", "")]
+    draw_figure(drawn, paths, title, legend)
+
+
+def draw_diff(before: dict[str, float], after: dict[str, float], paths: Sequence[Path],
+              title: str = "circuit diff") -> None:
+    """Two circuits on one figure; colour = kept/lost/new, line style = port."""
+    groups = diff_edges(before, after)
+    score = {**before, **after}
+    largest = max((abs(s) for s in score.values()), default=0.0)
+    drawn = []
+    for status in ("kept", "lost", "new"):
+        for name in groups[status]:
+            p = split_edge(name)
+            drawn.append(DrawnEdge(p.sender, p.receiver, STATUS_COLOURS[status], PORT_STYLES[p.port],
+                                   _width(score[name], largest) / 2))
+    legend = [(f"{status} ({len(groups[status])})", STATUS_COLOURS[status], "solid") for status in groups]
+    legend += [(f"{port} input", "#444444", PORT_STYLES[port]) for port in ("q", "k", "v")]
+    draw_figure(drawn, paths, title, legend)

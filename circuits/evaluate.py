@@ -5,7 +5,7 @@ is its actual input in the patched run and current_u is sender u's output in tha
 same run. With every edge kept this is the clean run; with none, the corrupted run.
 `corrupted_u` is whatever the ablation gives (circuits/ablation.py): the corrupted prompt's
 output (default), the reference-set mean, or zero. Faithfulness is normalised as
-(circuit - ablated) / (clean - ablated) (Yao et al. 2024; MIB), where "ablated" is the run with
+(circuit - ablated) / (clean - ablated) (MIB), where "ablated" is the run with
 every edge ablated: the corrupted run for corrupted patching, the all-edges-patched run otherwise.
 """
 

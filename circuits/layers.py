@@ -8,11 +8,13 @@
 * Mover heads (Yao et al. 2024, Sec. 4): heads whose attention from the last position goes to the
   subject's tokens (the share of attention on them, averaged over prompts).
 * Relation heads: heads whose attention from the last position goes to the relation's tokens, taken as
-  every token of the prompt that is neither the subject, a special token (empty character span, e.g.
-  BOS), nor the last position itself.
-  Position 0 counts for neither: most heads park their attention on the first token (an attention
-  sink), which would otherwise make every head a relation head (or a mover head when the template
-  starts with the subject).
+  every token of the query that is neither the subject, a special token (empty character span, e.g.
+  BOS), nor the last position itself. With few-shot prompts only the query's tokens count: the
+  demonstrations before it are neither subject nor relation.
+  A BOS token (a special token, so neither role) is where most heads park their attention (an attention
+  sink). Models without BOS (GPT-2) park it on the first real token, which then counts by its role; on
+  such models a zero-shot template that starts with the subject inflates every head's mover share, and
+  `--shots 1` or more moves the query off position 0.
 * MLPs where the answer's rank jumps: the mean over prompts of log10(rank before the MLP) -
   log10(rank after it), largest first.
 
@@ -43,25 +45,27 @@ class LensInputs:
     relation_pos: torch.Tensor  # [B, P] bool
 
 
-def token_roles(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[bool], list[bool]]:
-    """Prompt ids, and per token whether it is part of the subject / of the relation (see module doc)."""
+def token_roles(tokenizer, prompt: str, subject: str, context: str = "") -> tuple[list[int], list[bool], list[bool]]:
+    """Prompt ids, and per token whether it is part of the subject / of the relation (see module doc);
+    `context` is the demonstrations the prompt starts with, whose tokens have neither role."""
     enc = tokenizer(prompt, return_offsets_mapping=True)
-    start = prompt.find(subject)
-    if start < 0:
-        raise ValueError(f"subject {subject!r} is not in prompt {prompt!r}")
+    start = prompt.rfind(subject)
+    if start < len(context):
+        raise ValueError(f"subject {subject!r} is not in the query of prompt {prompt!r}")
     end = start + len(subject)
     is_subject, is_relation = [], []
     for i, (a, b) in enumerate(enc["offset_mapping"]):
         overlaps = a < end and b > start
-        content = b > a and i > 0  # position 0 is the attention sink (module doc)
+        content = b > a and a >= len(context)  # a real token of the query (special tokens have no span)
         is_subject.append(content and overlaps)
         is_relation.append(content and not overlaps and i < len(enc.input_ids) - 1)
     return list(enc.input_ids), is_subject, is_relation
 
 
 def lens_inputs(tokenizer, prompts: list[str], subjects: list[str], answers: list[str],
-                device: torch.device) -> LensInputs:
-    rows = [token_roles(tokenizer, p, s) for p, s in zip(prompts, subjects, strict=True)]
+                device: torch.device, contexts: list[str] | None = None) -> LensInputs:
+    contexts = contexts or [""] * len(prompts)
+    rows = [token_roles(tokenizer, p, s, c) for p, s, c in zip(prompts, subjects, contexts, strict=True)]
     width = max(len(ids) for ids, _, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -125,9 +129,10 @@ def _stats(rank: torch.Tensor, prob: torch.Tensor) -> dict[str, float]:
 
 
 def layer_view(bundle, prompts: list[str], subjects: list[str], answers: list[str],
-               circuit_nodes: set[str] | None = None, top: int = 5) -> dict[str, Any]:
-    """Logit lens per layer, and the top mover heads, relation heads and rank-jump MLPs."""
-    inputs = lens_inputs(bundle.tokenizer, prompts, subjects, answers, bundle.device)
+               circuit_nodes: set[str] | None = None, top: int = 5, contexts: list[str] | None = None) -> dict[str, Any]:
+    """Logit lens per layer, and the top mover heads, relation heads and rank-jump MLPs (contexts: the
+    few-shot demonstrations before each prompt's query)."""
+    inputs = lens_inputs(bundle.tokenizer, prompts, subjects, answers, bundle.device, contexts)
     store = collect(bundle, inputs)
     n_layers, nodes = bundle.arch.n_layers, circuit_nodes or set()
     layers, jumps = [], []

@@ -5,7 +5,7 @@
 - `logit-diff`: logit(answer) - logit(corrupted answer) at the answer position (Wang et al. 2023;
   EAP-IG's `logit_diff`). The corrupted answer is the batch's `corrupt_answer_ids` when given, else the
   corrupted prompt's own greedy prediction (its runner-up when that equals the clean answer).
-- `nll-diff`: the Knowledge Circuits code's `match_nll` metric (acdc/acdc_utils.py, MatchNLLMetric):
+- `match-nll`: the Knowledge Circuits code's `match_nll` metric (acdc/acdc_utils.py, MatchNLLMetric):
   the NLL of the answer under the model being measured minus its NLL under the unpatched model on the
   clean prompt, i.e. logprob_clean - logprob. It is 0 for the clean run and grows as the answer is lost.
   Differs: we read it at the answer position only (their shift=True averages the label positions, which
@@ -22,7 +22,8 @@ import torch
 
 from circuits.activations import PairBatch, answer_logprob
 
-METRICS = ("logprob", "logit-diff", "nll-diff")
+METRICS = ("logprob", "logit-diff", "match-nll")
+LEGACY_NAMES = {"nll-diff": "match-nll"}  # the name circuit files written before the rename carry
 
 
 def answer_logits(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
@@ -43,9 +44,10 @@ class Metric:
 
     name: str = "logprob"
     corrupt_answer_ids: torch.Tensor | None = None  # logit-diff
-    clean_logprob: torch.Tensor | None = None  # nll-diff baseline
+    clean_logprob: torch.Tensor | None = None  # match-nll baseline
 
     def __post_init__(self) -> None:
+        self.name = LEGACY_NAMES.get(self.name, self.name)
         if self.name not in METRICS:
             raise ValueError(f"unknown metric '{self.name}'; choose from {', '.join(METRICS)}")
 
@@ -56,14 +58,14 @@ class Metric:
                 self.corrupt_answer_ids = batch.corrupt_answer_ids
             elif corrupt_logits is not None:
                 self.corrupt_answer_ids = corrupted_answers(corrupt_logits, batch)
-        if self.name == "nll-diff" and self.clean_logprob is None and clean_logits is not None:
+        if self.name == "match-nll" and self.clean_logprob is None and clean_logits is not None:
             self.clean_logprob = answer_logprob(clean_logits, batch).detach()
         return self
 
     def __call__(self, logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
         if self.name == "logprob":
             return answer_logprob(logits, batch)
-        if self.name == "nll-diff":
+        if self.name == "match-nll":
             baseline = self.clean_logprob if self.clean_logprob is not None else 0.0
             return baseline - answer_logprob(logits, batch)
         if self.corrupt_answer_ids is None:
@@ -80,7 +82,7 @@ def as_metric(metric: str | Metric) -> Metric:
 
 def prepared_metric(bridge: Any, batch: PairBatch, metric: str | Metric, clean_logits: torch.Tensor | None = None,
                     corrupt_logits: torch.Tensor | None = None) -> Metric:
-    """The metric with its corrupted answers (logit-diff) and clean baseline (nll-diff) filled in."""
+    """The metric with its corrupted answers (logit-diff) and clean baseline (match-nll) filled in."""
     metric = as_metric(metric)
     needs_corrupt = metric.name == "logit-diff" and metric.corrupt_answer_ids is None and batch.corrupt_answer_ids is None
     if needs_corrupt and corrupt_logits is None:

@@ -388,7 +388,7 @@ def test_metrics_by_hand():
     diff = Metric("logit-diff", corrupt_answer_ids=torch.tensor([3, 4]))(logits, batch)
     assert torch.allclose(diff, torch.stack([at[0, 5] - at[0, 3], at[1, 1] - at[1, 4]]))
     clean = torch.randn(2, 4, 10)
-    nll = Metric("nll-diff").prepare(batch, clean_logits=clean)(logits, batch)
+    nll = Metric("match-nll").prepare(batch, clean_logits=clean)(logits, batch)
     clean_logp = torch.stack([clean[0, 2], clean[1, 3]]).log_softmax(-1)[[0, 1], [5, 1]]
     assert torch.allclose(nll, -logp[[0, 1], [5, 1]] - (-clean_logp))  # NLL(patched) - NLL(clean model)
     corrupt = torch.zeros(2, 4, 10)
@@ -439,15 +439,15 @@ def test_prune_drops_edges_off_input_to_logits_paths():
 # --- discover and the circuit file ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig-activations"])  # eap-ig (inputs) needs corrupted patching
 def test_discover_records_its_choices_and_round_trips(tiny_model, method, tmp_path):
     bundle = tiny_model
     batch = batch_of(bundle)
     c = discover(bundle.bridge(), bundle.model, bundle.arch, batch, " Paris", top_n=20, method=method,
-                 metric="nll-diff", ablation="mean", selection="greedy", prune_dead=True)
-    assert (c.method, c.metric, c.ablation, c.selection, c.level) == (method, "nll-diff", "mean", "greedy", "edge")
+                 metric="match-nll", ablation="mean", selection="greedy", prune_dead=True)
+    assert (c.method, c.metric, c.ablation, c.selection, c.level) == (method, "match-nll", "mean", "greedy", "edge")
     assert c.settings["pruned"] and 0 < len(c.edges) <= 20
-    assert c.metrics["metric_clean"] == pytest.approx(0.0, abs=1e-6)  # nll-diff is 0 on the clean run
+    assert c.metrics["metric_clean"] == pytest.approx(0.0, abs=1e-6)  # match-nll is 0 on the clean run
     c.save(tmp_path / "c.json")
     import json
 

@@ -15,7 +15,7 @@ from bench.cli import main
 from bench.lre import load_relation
 from circuits.circuit import Circuit
 from circuits.curve import EDGE_PERCENTAGES, curve_areas, edges_at, faithfulness_curve, normalized_faithfulness
-from circuits.draw import circuit_dot, diff_dot, diff_edges, dot_available, render, split_edge
+from circuits.draw import diff_edges, draw_circuit, draw_diff, split_edge
 from circuits.layers import collect, lens_inputs, logit_lens, token_roles
 from circuits.relation import (Fact, ScoringSet, batches, build_relation_circuit, graph_of, hits, pair_rows,
                                prepare_split, random_edges, relation_facts, split_by_subject)
@@ -75,15 +75,15 @@ def test_hit_at_10_with_all_edges_equals_plain_hit_at_10(tiny_model):
     full = test.with_edges(graph.edge_mask.clone())
     # independent: the plain Hugging Face model, one prompt at a time, with torch.topk
     expected = []
-    for clean_ids, _, answer in rows:
+    for row in rows:
         with torch.no_grad():
-            logits = bundle.model(input_ids=torch.tensor([clean_ids], device=bundle.device)).logits[0, -1]
-        expected.append(answer in logits.topk(10).indices.tolist())
+            logits = bundle.model(input_ids=torch.tensor([row.clean], device=bundle.device)).logits[0, -1]
+        expected.append(row.answer in logits.topk(10).indices.tolist())
     assert full.hit.tolist() == expected == test.clean.hit.tolist()
-    assert full.logprob.cpu() == pytest.approx(test.clean.logprob.cpu(), abs=1e-4)
+    assert full.value.cpu() == pytest.approx(test.clean.value.cpu(), abs=1e-4)
     assert test.faithfulness(full) == pytest.approx(1.0, abs=1e-4)
     empty = test.with_edges(torch.zeros_like(graph.edge_mask))  # every edge corrupted: the corrupted run
-    assert empty.logprob.cpu() == pytest.approx(test.corrupted.logprob.cpu(), abs=1e-4)
+    assert empty.value.cpu() == pytest.approx(test.corrupted.value.cpu(), abs=1e-4)
     assert empty.hit.tolist() == test.corrupted.hit.tolist()
 
 
@@ -126,7 +126,8 @@ def test_token_roles_mark_subject_and_relation(tiny_model):
     ids, subject, relation = token_roles(tok, "The capital city of Buenos Aires is", "Buenos Aires")
     text = lambda flags: "".join(tok.decode([i]) for i, f in zip(ids, flags) if f)  # noqa: E731
     assert text(subject).strip() == "Buenos Aires"
-    assert text(relation).strip() == "capital city of"  # not the sink at position 0, nor the last token
+    # position 0 is a real token on these tokenizers (no BOS): it counts; the last token does not
+    assert text(relation).strip() == "The capital city of"
     assert not any(s and r for s, r in zip(subject, relation))
 
 
@@ -146,8 +147,10 @@ def tiny_relation_result(tmp_path_factory):
 def test_relation_circuit_report_and_round_trip(tiny_relation_result, tmp_path):
     result = tiny_relation_result
     report = result.report
-    assert report["hit_at_10"]["n_edges"] == len(result.circuit.edges) == 25
-    assert len(report["hit_at_10"]["random_circuit_draws"]) == 2
+    for split in ("validation", "test"):
+        assert report["hit_at_10"][split]["n_edges"] == len(result.circuit.edges) == 25
+        assert len(report["hit_at_10"][split]["random_circuit_draws"]) == 2
+    assert report["setting"]["size_rule"] == "fixed: --top-n 25"
     points = report["faithfulness_curve"]["points"]
     assert [p["percent"] for p in points] == list(EDGE_PERCENTAGES)
     assert points[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # 100% of edges is the clean model
@@ -171,25 +174,38 @@ def test_split_has_disjoint_subjects_and_caps():
 def test_corrupted_prompts_swap_the_subject_at_equal_length(tiny_model):
     tok = tiny_model.tokenizer
     rows, facts = pair_rows(tok, capital_facts(), CAPITALS, seed=0)
-    for (clean, corrupt, answer), fact in zip(rows, facts):
-        assert len(clean) == len(corrupt) and clean != corrupt
-        assert fact.subject not in tok.decode(corrupt) and answer == tok(" " + fact.object).input_ids[0]
+    for row, fact in zip(rows, facts):
+        assert len(row.clean) == len(row.corrupt) and row.clean != row.corrupt
+        assert fact.subject not in tok.decode(row.corrupt) and row.answer == tok(" " + fact.object).input_ids[0]
+        assert row.corrupt_answer != row.answer
 
 
-@pytest.mark.skipif(not dot_available(), reason="graphviz 'dot' is not installed")
-def test_drawing_writes_valid_svg(tmp_path):
+def test_drawing_writes_svg_and_png_without_graphviz(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no `dot` (nor anything else) on PATH
+    assert shutil.which("dot") is None
     edges = {"input->a0.h1<q>": 0.5, "a0.h1->m0": -1.0, "m0->a1.kv0<k>": 0.2, "a0.h1->a1.kv0<v>": 0.1,
              "m0->logits": 2.0}
-    assert render(circuit_dot(edges, "test"), [tmp_path / "c.svg", tmp_path / "c.png"])
+    draw_circuit(edges, [tmp_path / "c.svg", tmp_path / "c.png"], "test")
     root = ET.parse(tmp_path / "c.svg").getroot()
-    titles = {t.text for t in root.iter("{http://www.w3.org/2000/svg}title")}
-    assert {"a0.h1->m0", "m0->a1.kv0", "logits"} <= titles
+    assert root.tag.endswith("svg") and (tmp_path / "c.svg").stat().st_size > 1000
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     other = {"a0.h1->m0": 1.0, "input->logits": 0.3}
     assert diff_edges(edges, other) == {"kept": ["a0.h1->m0"], "lost": sorted(set(edges) - {"a0.h1->m0"}),
                                         "new": ["input->logits"]}
-    assert render(diff_dot(edges, other), [tmp_path / "d.svg"])
+    draw_diff(edges, other, [tmp_path / "d.svg"])
     ET.parse(tmp_path / "d.svg")
+
+
+def test_node_positions_put_layers_in_order():
+    from circuits.draw import node_positions
+
+    pos = node_positions({"input", "a0.h0", "a0.h1", "m0", "a1.h0", "m1", "logits"})
+    order = ["input", "a0.h0", "m0", "a1.h0", "m1", "logits"]
+    ys = [pos[n][1] for n in order]
+    assert ys == sorted(ys, reverse=True) and len(set(ys)) == len(ys)  # one row each, top to bottom
+    assert pos["a0.h0"][1] == pos["a0.h1"][1] and pos["a0.h0"][0] < pos["a0.h1"][0]
 
 
 def test_edge_names_parse():
@@ -209,10 +225,16 @@ def test_circuit_command_writes_its_files_and_diff(tmp_path, capsys):
     code = main(["circuit", "--model", "tiny-gpt2", "--relation", str(relation), "--known-top-k", "0",
                  "--top-n", "20", "--output", str(out), "--device", "cpu", "--no-curve", "--random-draws", "1"])
     assert code == 0
-    names = {"circuit.json", "report.json", "layers.png"} | ({"circuit.svg", "circuit.png"} if dot_available() else set())
+    names = {"circuit.json", "report.json", "layers.png", "circuit.svg", "circuit.png", "circuit.dot"}
     assert names <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
-    assert {"full_model", "circuit", "random_circuit", "n_edges"} <= set(report["hit_at_10"])
+    for split in ("validation", "test"):
+        assert {"full_model", "circuit", "random_circuit", "n_edges"} <= set(report["hit_at_10"][split])
+    assert report["setting"] == {"method": "eap", "ablation": "corrupted", "metric": "logprob", "graph": report["setting"]["graph"],
+                                 "split": report["setting"]["split"], "shots": 0, "size_rule": "fixed: --top-n 20",
+                                 "known": "all facts (no filter)", "hit_k": 10, "circuit_read_at": "all positions",
+                                 "name": "default"}
+    assert report["setting"]["graph"] in ("ungrouped", "grouped") and report["setting"]["split"].startswith("by subject")
     assert len(report["layers"]["logit_lens"]) == 4 and report["source"]["kind"] == "lre"
     one = tmp_path / "one"
     assert main(["circuit", "--model", "tiny-gpt2", "--prompt", "The capital of France is", "--answer", "Paris",
@@ -222,8 +244,7 @@ def test_circuit_command_writes_its_files_and_diff(tmp_path, capsys):
     assert main(["circuit-diff", str(out / "circuit.json"), str(one / "circuit.json"), "--output", str(diff)]) == 0
     summary = json.loads(diff.with_suffix(".json").read_text())
     assert set(summary) >= {"kept", "lost", "new"}
-    if dot_available():
-        ET.parse(diff)
+    ET.parse(diff)
 
 
 def test_circuit_command_rejects_bad_input(tmp_path, capsys):
