@@ -382,11 +382,13 @@ def random_edges(graph: Graph, n: int, seed: int) -> torch.Tensor:
 # --- evaluation ------------------------------------------------------------------------------------
 
 def hits(logits: torch.Tensor, batch: PairBatch, k: int = HIT_K) -> torch.Tensor:
-    """[B] bool: the answer's first token is among the k largest logits at the answer position."""
+    """[B] bool: the answer's first token is among the k largest logits at the answer position. Ties count
+    against the answer (a run whose logits are all equal, e.g. RMSNorm of a zero-ablated residual, hits
+    nothing)."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     last = logits[rows, batch.answer_pos].float()
     target = last[rows, batch.answer_ids]
-    return (last > target[:, None]).sum(-1) < k
+    return (last >= target[:, None]).sum(-1) - 1 < k
 
 
 @dataclass

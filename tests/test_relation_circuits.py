@@ -94,6 +94,13 @@ def test_hits_counts_rank_below_k():
     batch = type("B", (), {"answer_pos": torch.tensor([2, 1]), "answer_ids": torch.tensor([5, 5])})
     assert hits(logits, batch).tolist() == [False, True]
     assert hits(logits, batch, k=15).tolist() == [True, True]
+    assert hits(torch.zeros(2, 3, 20), batch).tolist() == [False, False]  # all tied: not a hit
+    one = type("B", (), {"answer_pos": torch.tensor([0]), "answer_ids": torch.tensor([5])})
+    tied = torch.zeros(1, 1, 20)
+    tied[0, 0, :10] = 1.0  # the answer (5) tied with 9 others at the top: still within 10
+    assert hits(tied, one).tolist() == [True]
+    tied[0, 0, :11] = 1.0  # tied with 10 others: not
+    assert hits(tied, one).tolist() == [False]
 
 
 def test_random_circuit_has_the_requested_edge_count(tiny_model):
