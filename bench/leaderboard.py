@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 from tabulate import tabulate
 
-from bench.results import FAMILIES, METRICS, read_cases, summarize
+from bench.results import COLLAPSE_CRITERION, COLLAPSE_PPL_RATIO, FAMILIES, METRICS, read_cases, summarize
 
 # metrics left out of the markdown table (still in JSON and CSV)
 HIDDEN_IN_MARKDOWN = {"paraphrase_magnitude", "neighborhood_magnitude", "seconds_per_circuit"}
@@ -76,13 +77,39 @@ class RunRow:
         return Path(hparams_file).stem
 
     @property
+    def known_only(self) -> bool:
+        """Whether the run edited only facts the model knew (the harness's filter, not the protocol's)."""
+        selection = self.summary.get("case_selection")
+        if selection is not None:
+            return selection == "known-only"
+        return bool((self.manifest.get("config") or {}).get("only_known", False))
+
+    @property
     def label(self) -> str:
         label = self.editor if self.variant is None else f"{self.editor} [{self.variant}]"
+        label = f"{label} [known-only]" if self.known_only else label
         return label if self.batch_size == 1 else f"{label} (batch {self.batch_size})"
 
     @property
     def metrics(self) -> dict[str, dict[str, Any]]:
         return self.summary.get("metrics") or {}
+
+    @property
+    def counts(self) -> dict[str, int | None]:
+        """Records loaded, rejected, skipped as unknown to the model, edited and failed."""
+        selection = self.manifest.get("cases") or {}
+
+        def count(summary_key: str, manifest_key: str) -> int | None:
+            value = self.summary.get(summary_key, selection.get(manifest_key))
+            return int(value) if isinstance(value, (int, float)) else None
+
+        return {"loaded": count("n_loaded", "loaded"), "rejected": count("n_rejected", "rejected"),
+                "unknown_skipped": count("n_unknown_skipped", "unknown_skipped"),
+                "edited": count("n_cases", "-"), "failed": count("n_failed", "-")}
+
+    @property
+    def n_collapsed(self) -> int:
+        return int(self.summary.get("n_collapsed") or 0)
 
     def provenance(self) -> dict[str, Any]:
         model = self.manifest.get("model") or {}
@@ -134,6 +161,14 @@ def _numeric(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def curve_collapsed(points: list[dict[str, Any]]) -> bool:
+    """A sequential curve collapsed when its last perplexity is over 10x the first, or not finite."""
+    if not points or _numeric(points[0].get("ppl")) is None:
+        return False
+    last = _numeric(points[-1].get("ppl"))
+    return last is None or not math.isfinite(last) or last / points[0]["ppl"] > COLLAPSE_PPL_RATIO
+
+
 def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
     """The last point of each sequential curve: all edits so far re-scored, and the perplexity drift."""
     header = ["Editor", "edits", "ES", "PS", "NS", "S", "PPL before", "PPL after", "ΔPPL"]
@@ -146,7 +181,8 @@ def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
         ppl0, ppl1 = _numeric(first.get("ppl")), _numeric(last.get("ppl"))
         drift = ppl1 - ppl0 if ppl0 is not None and ppl1 is not None else None
         values = [_numeric(last.get(k)) for k in ("efficacy", "paraphrase", "neighborhood", "score")]
-        body.append([f"{row.label} [{index}]", last.get("n_edits"),
+        mark = f" {COLLAPSED_MARK}" if curve_collapsed(points) else ""
+        body.append([f"{row.label} [{index}]{mark}", last.get("n_edits"),
                      *("–" if v is None else number(v) for v in (*values, ppl0, ppl1, drift))])
     return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
 
@@ -170,19 +206,46 @@ def _mean(row: RunRow, name: str) -> float | None:
     return (row.metrics.get(name) or {}).get("mean")
 
 
-def metric_columns(rows: list[RunRow], markdown: bool = False) -> list[str]:
-    """Metrics reported by any row, in family order."""
-    present = {name for row in rows for name in row.metrics}
-    ordered = [n for n in METRIC_ORDER if n in present] + sorted(present - set(METRIC_ORDER))
-    family_of = {name: agg["family"] for row in rows for name, agg in row.metrics.items()}
-    ordered = [n for family in FAMILIES for n in ordered if family_of[n] == family]
-    return [n for n in ordered if not (markdown and n in HIDDEN_IN_MARKDOWN)]
+@dataclass(frozen=True)
+class Column:
+    """One metric column: a metric under one protocol (comparable group), never two."""
+
+    name: str
+    group: str | None
+    label: str
+    family: str
+
+    def aggregate(self, row: RunRow) -> dict[str, Any] | None:
+        agg = row.metrics.get(self.name)
+        return agg if agg is not None and agg.get("comparable_group") == self.group else None
+
+
+def metric_columns(rows: list[RunRow], markdown: bool = False) -> list[Column]:
+    """Metrics reported by any row, in family order; a metric whose rows disagree on the comparable group
+    gets one column per group."""
+    found: dict[tuple[str, str | None], Column] = {}
+    for row in rows:
+        for name, agg in row.metrics.items():
+            key = (name, agg.get("comparable_group"))
+            found.setdefault(key, Column(name, key[1], agg["label"], agg["family"]))
+    split = {name for name, _ in found if sum(n == name for n, _ in found) > 1}
+    columns = [Column(c.name, c.group, f"{c.label} ({c.group})" if c.name in split else c.label, c.family)
+               for c in found.values()]
+    order = {name: i for i, name in enumerate(METRIC_ORDER)}
+    columns.sort(key=lambda c: (list(FAMILIES).index(c.family) if c.family in FAMILIES else len(FAMILIES),
+                                order.get(c.name, len(order)), c.name, c.group or ""))
+    return [c for c in columns if not (markdown and c.name in HIDDEN_IN_MARKDOWN)]
 
 
 # --- markdown ------------------------------------------------------------------------------
 
 def number(value: float) -> str:
+    """At most 4 significant figures: 0.90, 21.5, 206, 1234, 3.04e+46, 1.40e-05."""
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     size = abs(value)
+    if size >= 1e4 or 0 < size < 1e-3:
+        return f"{value:.2e}"
     if size >= 100:
         return f"{value:.0f}"
     if size >= 10:
@@ -193,7 +256,7 @@ def number(value: float) -> str:
 
 
 def interval_cell(aggregate: dict[str, Any] | None, n_cases: int) -> str:
-    """`0.90 [0.78, 1.00]`, with `(n=k)` when the metric covers fewer cases than the row."""
+    """`0.90 [0.78, 1.00]`, with `(n=k)` when the metric covers fewer or more cases than the row."""
     if not aggregate or aggregate.get("mean") is None:
         return "–"
     text = number(aggregate["mean"])
@@ -204,24 +267,96 @@ def interval_cell(aggregate: dict[str, Any] | None, n_cases: int) -> str:
     return text
 
 
-def _family_legend(rows: list[RunRow], columns: list[str]) -> str:
-    labels: dict[str, list[str]] = {}
-    for name in columns:
-        agg = next(r.metrics[name] for r in rows if name in r.metrics)
-        labels.setdefault(agg["family"], []).append(agg["label"])
-    return "Families: " + "; ".join(f"**{FAMILIES[f]}**: {', '.join(v)}" for f, v in labels.items()) + "."
+def mean_cell(aggregate: dict[str, Any] | None) -> str:
+    return "–" if not aggregate or aggregate.get("mean") is None else number(aggregate["mean"])
+
+
+COLLAPSED_MARK = "⚠ collapsed"
+FAMILY_TITLES = {
+    "counterfact": "CounterFact: sequence log-likelihood comparison (ROME's evaluation)",
+    "easyedit": "EasyEdit: teacher-forced token accuracy",
+    "generation": "Free generation (greedy, no teacher forcing)",
+    "drift": "Drift: next-token KL and held-out perplexity",
+    "circuit": "Circuits (EAP, pre vs post edit)",
+    "cost": "Cost",
+}
+HEADLINE = {"counterfact": ["efficacy_score", "paraphrase_score", "neighborhood_score", "score", "ppl_delta"],
+            "zsre": ["reliability", "generalization", "locality", "portability", "ppl_delta"]}
+
+
+def headline_names(rows: list[RunRow]) -> list[str]:
+    """zsRE-scored datasets lead with the EasyEdit family, the others with CounterFact's."""
+    scorings = {s for row in rows for s in row.summary.get("scoring") or []}
+    return HEADLINE["zsre" if scorings == {"zsre"} else "counterfact"]
+
+
+def row_title(row: RunRow, index: int | None) -> str:
+    title = row.label if index is None else f"{row.label} [{index}]"
+    if row.n_collapsed:
+        title += f" {COLLAPSED_MARK} ({row.n_collapsed}/{row.counts['edited']})"
+    return title
+
+
+def _count(value: int | None) -> str:
+    return "–" if value is None else str(value)
+
+
+def headline_table(rows: list[RunRow], first_note: int | None = 1) -> str:
+    """Per row: the metrics a reader compares first (means), and the record counts."""
+    columns = {c.name: c for c in metric_columns(rows)}
+    names = [n for n in headline_names(rows) if n in columns]
+    headers = ["Editor", *(columns[n].label for n in names), "edited", "failed", "loaded / rejected / unknown"]
+    body = []
+    for offset, row in enumerate(rows):
+        counts = row.counts
+        body.append([row_title(row, None if first_note is None else first_note + offset),
+                     *(mean_cell(columns[n].aggregate(row)) for n in names), _count(counts["edited"]),
+                     _count(counts["failed"]), " / ".join(_count(counts[k]) for k in ("loaded", "rejected",
+                                                                                      "unknown_skipped"))])
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def family_table(rows: list[RunRow], columns: list[Column], first_note: int | None = 1) -> str:
+    """One family's metrics with intervals; n is the row's cases (edited + failed)."""
+    headers = ["Editor", "n"] + [c.label for c in columns]
+    body = []
+    for offset, row in enumerate(rows):
+        n = (row.counts["edited"] or 0) + (row.counts["failed"] or 0)
+        body.append([row_title(row, None if first_note is None else first_note + offset), n]
+                    + [interval_cell(c.aggregate(row), n) for c in columns])
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def section_tables(rows: list[RunRow], first_note: int | None = 1) -> list[str]:
+    """The headline table, then one table per family (markdown lines)."""
+    parts = ["**Headline** (means; counts of records: edited, failed, and loaded / rejected / skipped as "
+             "unknown to the model):", "", headline_table(rows, first_note), ""]
+    columns = metric_columns(rows, markdown=True)
+    for family in FAMILIES:
+        members = [c for c in columns if c.family == family]
+        if members:
+            parts += [f"#### {FAMILY_TITLES.get(family, family)}", "", family_table(rows, members, first_note), ""]
+    return parts
+
+
+def legend(rows: list[RunRow]) -> str:
+    """Each metric's protocol label, as summary.json states it."""
+    body, seen = [], set()
+    for column in metric_columns(rows):
+        agg = next((column.aggregate(r) for r in rows if column.aggregate(r)), {}) or {}
+        if (column.name, column.group) in seen:
+            continue
+        seen.add((column.name, column.group))
+        body.append([column.label, column.name, agg.get("protocol", "–"), agg.get("scorer", "–"),
+                     f"`{column.group}`" if column.group else "–", agg.get("reference", "–")])
+    return tabulate(body, headers=["Metric", "key", "protocol", "scorer", "comparable group", "reference"],
+                    tablefmt="github", disable_numparse=True)
 
 
 def markdown_table(rows: list[RunRow], first_note: int = 1) -> tuple[str, list[str]]:
-    """The table, and its provenance notes numbered from first_note."""
-    columns = metric_columns(rows, markdown=True)
-    headers = ["Editor", "n"] + [next(r.metrics[c]["label"] for r in rows if c in r.metrics) for c in columns]
-    table, notes = [], []
-    for index, row in enumerate(rows, start=first_note):
-        n_cases = int(row.summary.get("n_cases") or 0)
-        table.append([f"{row.label} [{index}]", n_cases] + [interval_cell(row.metrics.get(c), n_cases) for c in columns])
-        notes.append(provenance_note(index, row))
-    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True), notes
+    """The section's tables, and its provenance notes numbered from first_note."""
+    notes = [provenance_note(index, row) for index, row in enumerate(rows, start=first_note)]
+    return "\n".join(section_tables(rows, first_note)).rstrip(), notes
 
 
 def _short(value: Any, k: int = 12) -> str:
@@ -241,11 +376,16 @@ def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None
     """One section per (model, dataset); `charts` (links relative to the markdown file) are embedded."""
     parts = ["# Leaderboard", ""]
     source = f"Generated from the run folders in `{runs_dir}`" + (f" by `{command}`." if command else ".")
-    parts += [source + " Each row is the latest run of an editor on a (model, dataset); sequential-editing "
-              "runs are summarised by their last curve point (every edit so far re-scored) and plotted. A cell "
-              "is the mean over the run's edited cases with its 95% percentile-bootstrap confidence interval "
-              "over cases, `mean [low, high]`; `(n=k)` marks a metric measured on fewer cases than the row's n. "
-              "Metric families are never averaged together; the metrics are defined in docs/metrics.md. `[k]` refers to the run's provenance note.", ""]
+    parts += [source + " Each row is the latest run of an editor on a (model, dataset); `[known-only]` rows "
+              "edited only facts the model knew (the harness's filter), the others every valid record as the "
+              "protocols do. Sequential-editing runs are summarised by their last curve point (every edit so "
+              "far re-scored) and plotted. Each section leads with a headline table, then one table per protocol "
+              "family. A family-table cell is the mean over the run's cases with its 95% percentile-bootstrap "
+              "confidence interval over cases, `mean [low, high]`; `(n=k)` marks a metric measured on another "
+              "number of cases than the row's n (edited + failed: a failed case counts 0 in ES, PS, NS, S, Rel, "
+              f"Gen and GS and is left out of the rest). `{COLLAPSED_MARK} (k/n)`: k edits left the model with "
+              f"{COLLAPSE_CRITERION}. Families are never averaged together; each metric's protocol is in the "
+              "legend at the end and in docs/metrics.md. `[k]` refers to the run's provenance note.", ""]
     sequential = sequential or {}
     if not groups and not sequential:
         parts.append("No runs yet.")
@@ -254,10 +394,9 @@ def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None
         rows = groups.get((model, dataset), [])
         parts += [f"## {model} · {dataset}", ""]
         if rows:
-            table, notes = markdown_table(rows, note)
+            tables, notes = markdown_table(rows, note)
             note += len(rows)
-            columns = metric_columns(rows, markdown=True)
-            parts += [_family_legend(rows, columns) if columns else "", "", table, ""]
+            parts += [tables, ""]
             parts += [line + "  " for line in notes] + [""]
         if sequential.get((model, dataset)):
             seq_rows = sequential[(model, dataset)]
@@ -267,34 +406,35 @@ def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None
             note += len(seq_rows)
         parts += [f"![{Path(link).stem}]({link})" for link in (charts or {}).get((model, dataset), [])]
         parts += [""] if (charts or {}).get((model, dataset)) else []
+    every_row = [row for rows in groups.values() for row in rows]
+    if every_row:
+        parts += ["## Metric legend", "", legend(every_row), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
 def render(summaries: list[dict[str, Any]]) -> str:
-    """A plain table of run summaries (printed after `bench run`)."""
+    """The headline and family tables of run summaries (printed after `bench run`)."""
     rows = [RunRow(str(s.get("run_id", "")), Path("."), s) for s in summaries]
-    columns = metric_columns(rows, markdown=True)
-    headers = ["Editor", "Model", "Dataset", "n"] + [next(r.metrics[c]["label"] for r in rows if c in r.metrics)
-                                                     for c in columns]
-    table = [[r.label, r.model, r.dataset, int(r.summary.get("n_cases") or 0)]
-             + [interval_cell(r.metrics.get(c), int(r.summary.get("n_cases") or 0)) for c in columns] for r in rows]
-    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+    return "\n".join(section_tables(rows, None)).rstrip()
 
 
 # --- json and csv --------------------------------------------------------------------------
 
 def to_json(groups: dict[tuple[str, str], list[RunRow]], command: str | None, interval: dict[str, Any]) -> str:
-    data = {"generated_by": command, "interval": interval, "families": FAMILIES, "groups": [
-        {"model": model, "dataset": dataset, "rows": [
-            {"editor": r.editor, "batch_size": r.batch_size, "n_cases": r.summary.get("n_cases"),
-             "n_failed": r.summary.get("n_failed"), "metrics": {c: r.metrics[c] for c in metric_columns(rows) if c in r.metrics},
-             "provenance": r.provenance()} for r in rows]}
-        for (model, dataset), rows in groups.items()]}
+    data = {"generated_by": command, "interval": interval, "families": FAMILIES,
+            "collapse_criterion": COLLAPSE_CRITERION, "groups": [
+                {"model": model, "dataset": dataset, "rows": [
+                    {"editor": r.editor, "label": r.label, "batch_size": r.batch_size, "n_cases": r.summary.get("n_cases"),
+                     "n_failed": r.summary.get("n_failed"), "counts": r.counts, "n_collapsed": r.n_collapsed,
+                     "metrics": {c.name: c.aggregate(r) for c in metric_columns(rows) if c.aggregate(r)},
+                     "provenance": r.provenance()} for r in rows]}
+                for (model, dataset), rows in groups.items()]}
     return json.dumps(data, indent=2) + "\n"
 
 
-CSV_FIELDS = ["model", "dataset", "editor", "batch_size", "n_cases", "family", "metric", "mean", "ci_low", "ci_high",
-              "n", "run_id", "model_sha256", "dataset_sha256", "commit", "device"]
+CSV_FIELDS = ["model", "dataset", "editor", "label", "batch_size", "n_cases", "n_failed", "n_collapsed", "family",
+              "metric", "protocol", "comparable_group", "mean", "ci_low", "ci_high", "n", "run_id", "model_sha256",
+              "dataset_sha256", "commit", "device"]
 
 
 def to_csv(groups: dict[tuple[str, str], list[RunRow]]) -> str:
@@ -304,12 +444,14 @@ def to_csv(groups: dict[tuple[str, str], list[RunRow]]) -> str:
     for (model, dataset), rows in groups.items():
         for row in rows:
             prov = row.provenance()
-            for name in metric_columns(rows):
-                agg = row.metrics.get(name)
+            for column in metric_columns(rows):
+                agg = column.aggregate(row)
                 if agg:
-                    writer.writerow({"model": model, "dataset": dataset, "editor": row.editor,
+                    writer.writerow({"model": model, "dataset": dataset, "editor": row.editor, "label": row.label,
                                      "batch_size": row.batch_size, "n_cases": row.summary.get("n_cases"),
-                                     "family": agg["family"], "metric": name, "mean": agg["mean"],
+                                     "n_failed": row.summary.get("n_failed"), "n_collapsed": row.n_collapsed,
+                                     "family": agg["family"], "metric": column.name, "protocol": agg.get("protocol"),
+                                     "comparable_group": column.group, "mean": agg["mean"],
                                      "ci_low": agg["ci_low"], "ci_high": agg["ci_high"], "n": agg["n"],
                                      **{k: prov[k] for k in ("run_id", "model_sha256", "dataset_sha256", "commit",
                                                              "device")}})
@@ -330,23 +472,31 @@ def _errors(aggs: list[dict[str, Any] | None]) -> list[list[float]]:
 
 
 def plot_family_bars(rows: list[RunRow], family: str, title: str, path: Path) -> bool:
+    """One panel per metric column (one protocol each); collapsed rows are red, hatched and labelled."""
     import matplotlib.pyplot as plt
 
-    names = [n for n in metric_columns(rows) if any((r.metrics.get(n) or {}).get("family") == family for r in rows)]
-    if not names:
+    columns = [c for c in metric_columns(rows) if c.family == family]
+    if not columns:
         return False
-    ncols = min(4, len(names))
-    nrows = -(-len(names) // ncols)
+    ncols = min(4, len(columns))
+    nrows = -(-len(columns) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 3.0 * nrows + 0.4), squeeze=False)
-    for ax in axes.flat[len(names):]:
+    for ax in axes.flat[len(columns):]:
         ax.set_visible(False)
-    labels = [r.label for r in rows]
-    for ax, name in zip(axes.flat, names):
-        aggs = [r.metrics.get(name) for r in rows]
+    labels = [f"{r.label} ({COLLAPSED_MARK.split()[-1]})" if r.n_collapsed else r.label for r in rows]
+    colors = ["#C44E52" if r.n_collapsed else "#4C72B0" for r in rows]
+    hatches = ["//" if r.n_collapsed else "" for r in rows]
+    for ax, column in zip(axes.flat, columns):
+        aggs = [column.aggregate(r) for r in rows]
         means = [a["mean"] if a and a.get("mean") is not None else 0.0 for a in aggs]
-        ax.bar(range(len(rows)), means, yerr=_errors(aggs), capsize=3, color="#4C72B0")
+        bars = ax.bar(range(len(rows)), means, yerr=_errors(aggs), capsize=3, color=colors)
+        for bar, hatch in zip(bars, hatches):
+            bar.set_hatch(hatch)
+        if any(abs(m) >= 1e4 for m in means):
+            ax.set_yscale("symlog")  # a collapsed row's ΔPPL is orders of magnitude above the rest
+            ax.yaxis.get_major_locator().set_params(numticks=6)
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(next(a["label"] for a in aggs if a), fontsize=9)
+        ax.set_title(column.label, fontsize=9)
         ax.axhline(0, color="black", linewidth=0.5)
     fig.suptitle(f"{FAMILIES[family]} · {title} (95% bootstrap CI)", fontsize=10)
     fig.tight_layout()
@@ -394,7 +544,9 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path) -> bool:
         for label, points in curves.items():
             xy = [(p["n_edits"], p[key]) for p in points if isinstance(p.get(key), (int, float))]
             if xy:
-                ax.plot(*zip(*xy), marker="o", markersize=3, label=label)
+                shown = f"{label} ({COLLAPSED_MARK.split()[-1]})" if curve_collapsed(points) else label
+                ax.plot(*zip(*xy), marker="o", markersize=3, label=shown,
+                        linestyle="--" if curve_collapsed(points) else "-")
         ax.set_xlabel("edits so far")
         if key == "ppl":
             ax.set_yscale("log")  # a collapsing editor's perplexity is orders of magnitude above the rest

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.cli import main
-from bench.leaderboard import interval_cell, load_runs, latest_rows
+from bench.leaderboard import interval_cell, load_runs, latest_rows, number
 from bench.results import FAMILIES, bootstrap_interval, harmonic_of_means, summarize
 
 
@@ -174,7 +174,8 @@ def test_markdown_groups_intervals_and_provenance(runs, tmp_path, capsys):
     assert "## m1 · facts" in text and "## m1 · counterfact" in text
     expected = summarize([json.loads(line) for line in (runs / "r2-rome-new" / "cases.jsonl").read_text().splitlines()])
     es = expected["metrics"]["efficacy_score"]
-    rome_line = next(line for line in text.splitlines() if line.startswith("| rome"))
+    headline, rome_line = [line for line in text.splitlines() if line.startswith("| rome [2]")][:2]
+    assert headline.split("|")[2].strip() == f"{es['mean']:.2f}"  # the headline table: means only
     assert f"{es['mean']:.2f} [{es['ci_low']:.2f}, {es['ci_high']:.2f}]" in rome_line
     assert "| 3 " in rome_line  # n
     assert "run `r2-rome-new`: model sha256 `abababababab`, dataset sha256 `cdcdcdcdcdcd`, harness commit " \
@@ -185,7 +186,9 @@ def test_markdown_groups_intervals_and_provenance(runs, tmp_path, capsys):
     seq_line = next(line for line in text.splitlines() if line.startswith("| rome [") and "| 2 " in line)
     cells = [c.strip() for c in seq_line.strip("|").split("|")]
     assert cells[1:] == ["2", "0.80", "–", "0.90", "–", "20.0", "22.0", "2.00"]
-    assert "**CounterFact**: ES, PS, NS, S" in text and "**Drift**: KL" in text
+    assert "#### CounterFact: sequence log-likelihood comparison" in text and "#### Drift" in text
+    legend = text[text.index("## Metric legend"):]
+    assert "| ES " in legend and "`counterfact.mean_token_nll.success`" in legend and "experiments/summarize.py" in legend
 
 
 def test_json_and_csv(runs, capsys):
@@ -237,3 +240,51 @@ def test_relation_circuit_fields_are_aggregated_in_the_circuit_family() -> None:
     assert metric["family"] == "circuit" and metric["n"] == 3
     assert metric["mean"] == pytest.approx((0.8 + 0.9 + 0.4) / 3)
     assert "relation_circuit_source" not in summarize(cases)["metrics"]
+
+
+# --- readability: significant figures and collapsed rows ------------------------------------------
+
+def significant_figures(text: str) -> int:
+    """Significant digits of a number as printed (mantissa only for scientific notation)."""
+    mantissa = text.lstrip("-").split("e")[0].replace(".", "").lstrip("0")
+    return len(mantissa)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.9, 0.123456, 0.0123456, 0.00123456, 1.23456e-5, 1.0, 9.87654, 12.3456,
+                                   206.4, 999.9, 1234.5, 98765.4, 3.2e46, -20.93, -0.049, -3.2e46])
+def test_numbers_have_at_most_four_significant_figures(value):
+    text = number(value)
+    assert significant_figures(text) <= 4, text
+    assert float(text) == pytest.approx(value, rel=0.01, abs=0.0051)  # rounded, never truncated to another scale
+
+
+def test_non_finite_numbers_are_printed_as_such():
+    assert (number(float("inf")), number(float("-inf")), number(float("nan"))) == ("inf", "-inf", "nan")
+
+
+def test_a_collapsed_run_is_marked_and_no_cell_exceeds_four_significant_figures(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    healthy = [record(1.0, 1.0, 1.0, 0.01, 0.9, ppl_pre=20.0, ppl_post=20.5)] * 2
+    broken = [record(0.0, 0.0, 1.0, 0.01, 0.02, ppl_pre=20.0, ppl_post=3.24e46),
+              record(0.0, 0.0, 1.0, 0.01, 0.02, ppl_pre=20.0, ppl_post=None),  # non-finite, stored as null
+              record(1.0, 0.0, 1.0, 0.01, 0.5, ppl_pre=20.0, ppl_post=150.0)]  # 7.5x: not collapsed
+    write_run(runs, "r1-rome", "rome", "m1", "facts", "2026-01-01T00:00:00", healthy)
+    write_run(runs, "r2-kn", "kn", "m1", "facts", "2026-01-01T00:00:00", broken)
+    out = tmp_path / "LB.md"
+    assert main(["leaderboard", "--runs", str(runs), "--output", str(out), "--plots", str(tmp_path / "plots")]) == 0
+    text = out.read_text()
+    kn_lines = [line for line in text.splitlines() if line.startswith("| kn")]
+    rome_lines = [line for line in text.splitlines() if line.startswith("| rome")]
+    assert kn_lines and all("⚠ collapsed (2/3)" in line for line in kn_lines)
+    assert rome_lines and not any("collapsed" in line for line in rome_lines)
+    assert "1.62e+46" in kn_lines[0]  # the headline ΔPPL: (3.24e46 - 20 + 130) / 2 over the finite cases
+    table_cells = [cell.strip() for line in text.splitlines() if line.startswith("|") and not line.startswith("|--")
+                   for cell in line.strip("|").split("|")]
+    numbers = [tok for cell in table_cells for tok in cell.replace("[", " ").replace("]", " ").replace(",", " ").split()
+               if tok.lstrip("-").replace(".", "", 1).replace("e+", "", 1).replace("e-", "", 1).isdigit()]
+    assert numbers and all(significant_figures(n) <= 4 for n in numbers), [n for n in numbers if significant_figures(n) > 4]
+    assert (tmp_path / "plots" / "m1__facts__drift.png").exists()
+    capsys.readouterr()
+    assert main(["leaderboard", "--runs", str(runs), "--format", "json"]) == 0
+    rows = {r["editor"]: r for g in json.loads(capsys.readouterr().out)["groups"] for r in g["rows"]}
+    assert rows["kn"]["n_collapsed"] == 2 and rows["rome"]["n_collapsed"] == 0
