@@ -4,9 +4,8 @@
 
 Token-weighted (every predicted token counts once, long texts weigh more than short ones), padding
 masked, each text cut to `max_len` tokens. The held-out texts are the *last* texts of the same offline
-Wikipedia corpus (sorted by title) whose *first* `mom2_n_samples` texts feed the key statistics
-(editors/keystats.py), so the two sets are disjoint as long as mom2_n_samples + n ≤ the corpus size
-(10,033 texts). The lifelong-editing papers (Gupta et al. 2024; Fang et al. 2025) report the same kind of
+Wikipedia corpus (sorted by title) whose key-statistics sample is drawn from all but its last
+HELDOUT_TAIL (1,000) texts (editors/keystats.py), so the two sets are disjoint for n ≤ 1,000. The lifelong-editing papers (Gupta et al. 2024; Fang et al. 2025) report the same kind of
 general-text perplexity; they use other corpora and lengths, so the numbers are comparable only within
 this harness.
 """
@@ -17,8 +16,9 @@ import math
 
 import torch
 
-from bench.corpus import wiki_texts
+from bench.corpus import DEFAULT_CORPUS, wiki_texts
 from bench.tokens import prompt_ids
+from editors.keystats import HELDOUT_TAIL
 
 DEFAULT_HELDOUT = 32
 
@@ -34,8 +34,10 @@ def heldout_texts(n: int = DEFAULT_HELDOUT) -> list[str]:
 
 
 def overlaps_keystats(n_heldout: int, mom2_n_samples: int, corpus_size: int) -> bool:
-    """Whether the last n_heldout texts intersect the first mom2_n_samples ones."""
-    return min(mom2_n_samples, corpus_size) + n_heldout > corpus_size
+    """Whether the last n_heldout texts can meet the key-statistics sample, which is drawn at random from all
+    but the corpus's last HELDOUT_TAIL texts (editors/keystats.py)."""
+    tail = min(HELDOUT_TAIL[DEFAULT_CORPUS], corpus_size - 1)
+    return mom2_n_samples > 0 and n_heldout > tail
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,15 +4,21 @@
   with a fixed seed, plus the empty prefix (the bare prompt, always first). Cached per model and
   length plan, so every editor instance and every case reuses them.
 - Keys (ROME eq. 3): the input of a layer's MLP output projection at the subject's last token,
-  averaged over the prefixes.
-- Value / residual target (ROME eq. 4, MEMIT eq. 16): a shift δ added to the residual stream right
-  after `layer`'s MLP at the subject token (the same as adding it to the MLP output: GPT-2 and Llama
-  add the MLP output straight to the residual), found by Adam on
-      mean_j NLL(o* | x_j + p) + kl_factor · KL(P_δ(·|x_j + "{s} is a") ‖ P_0(·|…)) + v_weight_decay · ‖δ‖²/‖ref‖²
-  with ‖δ‖ ≤ clamp_norm_factor · ‖ref‖ after every step. `ref` is the value being shifted: W k* for
-  ROME, the residual z₀ for MEMIT. The layers below `layer` do not depend on δ, so they run once:
-  each step starts from the cached residual after `layer` (`ShiftedForward`); at step 0 (δ = 0) the
-  cached path is checked against the full forward and abandoned if they disagree.
+  averaged over the prefixes: a flat mean for ROME (rome `rome/compute_u.py`), or the mean within
+  each prefix-length group and then over the groups for MEMIT, EMMET and AlphaEdit
+  (memit `memit/compute_ks.py`; `grouped_mean`).
+- Value / residual target (ROME eq. 4, MEMIT eq. 16; rome `rome/compute_v.py`, memit
+  `memit/compute_z.py`): a shift δ added to the residual stream right after `layer`'s MLP at the
+  subject token of every prompt (the same as adding it to the MLP output: GPT-2 and Llama add the
+  MLP output straight to the residual), found by Adam on
+      mean_j NLL(o* | x_j + p) + kl_factor · KL(P_δ(·|"{s} is a") ‖ P_0(·|"{s} is a")) + v_weight_decay · ‖δ‖/‖ref‖²
+  The KL is read at the subject's last token of the bare "{s} is a" only. After every step
+  ‖δ‖ ≤ clamp_norm_factor · ‖ref‖. `ref` is the value being shifted on the bare prompt: the MLP
+  output (bias included) for ROME, the residual z₀ for MEMIT. As in the reference loop, at most
+  `v_num_grad_steps` forward passes and one Adam step fewer; it stops as soon as the total loss is
+  below 5e-2. The layers below `layer` do not depend on δ, so they run once: each step starts from
+  the cached residual after `layer` (`ShiftedForward`); at step 0 (δ = 0) the cached path is checked
+  against the full forward and abandoned if they disagree.
 - Key statistics C = E[k kᵀ] per layer (editors/keystats.py), all missing layers in one corpus pass.
 """
 
@@ -28,7 +34,7 @@ import torch
 
 from bench.tokens import TargetBatch, build_batch, prompt_ids
 from editors.base import EditorError
-from editors.keystats import second_moments
+from editors.keystats import DEFAULT_SAMPLE_SEED, draw_sample, second_moments
 
 if TYPE_CHECKING:
     from bench.data import EditCase
@@ -42,6 +48,7 @@ CONTEXT_SEED = 1234
 CONTEXT_TOP_K = 5
 DEFAULT_LENGTH_PARAMS = [[5, 10], [10, 10]]
 KEY_BATCH_ROWS = 64
+EARLY_STOP_LOSS = 5e-2  # rome compute_v.py, memit compute_z.py: `if loss < 5e-2: break`
 
 _PREFIX_CACHE: dict[tuple[int, str, str], list[str]] = {}
 
@@ -86,6 +93,18 @@ def context_prefixes(bundle: ModelBundle, length_params: list[list[int]] | None 
     return list(_PREFIX_CACHE[key])
 
 
+def prefix_groups(length_params: list[list[int]] | None = None) -> list[int]:
+    """Sizes of the prefix groups in `context_prefixes` order: the bare prompt, then one per (length, n)."""
+    return [1] + [int(n) for _length, n in (length_params or DEFAULT_LENGTH_PARAMS)]
+
+
+def grouped_mean(rows: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """Mean over dim 1 within each group of consecutive rows, then over the groups (memit compute_ks.py)."""
+    if sum(groups) != rows.shape[1]:
+        raise ValueError(f"prefix groups {groups} do not cover {rows.shape[1]} rows")
+    return torch.stack([part.mean(1) for part in torch.split(rows, groups, dim=1)]).mean(0)
+
+
 @torch.no_grad()
 def _sample_contexts(bundle: ModelBundle, length_params: list[list[int]]) -> list[str]:
     """One batched `generate`: n continuations per (length, n), cut to that many new tokens."""
@@ -113,7 +132,8 @@ def _sample_contexts(bundle: ModelBundle, length_params: list[list[int]]) -> lis
 
 @dataclass
 class SubjectRows:
-    """Rewrite prompts (one per prefix) then essence prompts, each followed by target_new."""
+    """Rewrite prompts (one per prefix, the bare one first), each followed by target_new, then the bare
+    essence prompt "{s} is a" whose logit positions all point at the subject's last token (the KL row)."""
 
     batch: TargetBatch
     sel: torch.Tensor  # [B, T, 1] one-hot at each row's subject-last token (model dtype)
@@ -123,9 +143,10 @@ class SubjectRows:
 def subject_rows(bundle: ModelBundle, case: EditCase, prefixes: list[str]) -> SubjectRows:
     tok = bundle.tokenizer
     rewrite, r_idx = under_prefixes(tok, prefixes, case.prompt, case.subject)
-    essence, e_idx = under_prefixes(tok, prefixes, ESSENCE_PROMPT, case.subject)
+    essence, e_idx = under_prefixes(tok, [""], ESSENCE_PROMPT, case.subject)
     texts = rewrite + essence
     batch = build_batch(tok, texts, [case.target_new] * len(texts), bundle.device)
+    batch.logit_pos[len(rewrite):] = torch.tensor(e_idx, device=batch.logit_pos.device).unsqueeze(-1)
     sel = torch.zeros(batch.input_ids.shape, dtype=bundle.dtype)
     sel[torch.arange(len(texts)), torch.tensor(r_idx + e_idx)] = 1
     return SubjectRows(batch, sel.unsqueeze(-1).to(bundle.device), len(rewrite))
@@ -138,18 +159,19 @@ def _hidden(out: Any) -> torch.Tensor:
 class ShiftedForward:
     """Logits at the target positions with δ added to the residual after `layer` at the subject tokens.
 
-    The first (full, gradient-free) pass records the MLP keys and the residual at `layer` for every
-    row, the unshifted logits, and the inputs of every later block. Later calls start from there.
+    The first (full, gradient-free) pass records, at each row's subject token, the MLP keys (the input
+    of the output projection), the MLP values (its output, bias included) and the residual after
+    `layer`; the unshifted logits; and the inputs of every later block. Later calls start from there.
     """
 
     def __init__(self, bundle: ModelBundle, layer: int, rows: SubjectRows):
         self.bundle, self.layer, self.rows = bundle, layer, rows
         self._later: list[tuple[torch.nn.Module, tuple, dict]] | None = None
         self._checked = False
-        self.keys, self.residual, self.logits0 = self._first_pass()
+        self.keys, self.values, self.residual, self.logits0 = self._first_pass()
 
     @torch.no_grad()
-    def _first_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _first_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         arch, model = self.bundle.arch, self.bundle.model
         blocks = arch.blocks(model)
         seen: dict[str, Any] = {}
@@ -158,9 +180,10 @@ class ShiftedForward:
         def keep_block_input(module, args, kwargs):
             later.append((module, args, kwargs))
 
+        proj = arch.mlp_out_proj(model, self.layer)
         handles = [
-            arch.mlp_out_proj(model, self.layer).register_forward_pre_hook(
-                lambda _m, args: seen.__setitem__("keys", args[0])),
+            proj.register_forward_pre_hook(lambda _m, args: seen.__setitem__("keys", args[0])),
+            proj.register_forward_hook(lambda _m, _a, out: seen.__setitem__("values", out)),
             blocks[self.layer].register_forward_hook(lambda _m, _a, out: seen.__setitem__("residual", _hidden(out))),
         ]
         handles += [b.register_forward_pre_hook(keep_block_input, with_kwargs=True) for b in blocks[self.layer + 1 :]]
@@ -173,7 +196,8 @@ class ShiftedForward:
             self._later = later
         sel = self.rows.sel
         self._residual_full = seen["residual"]
-        return (seen["keys"] * sel).sum(1).float(), (seen["residual"] * sel).sum(1).float(), logits0
+        at_subject = [(seen[name] * sel).sum(1).float() for name in ("keys", "values", "residual")]
+        return at_subject[0], at_subject[1], at_subject[2], logits0
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         pos = self.rows.batch.logit_pos
@@ -226,27 +250,32 @@ def _row_target_logprobs(logits: torch.Tensor, batch: TargetBatch, rows: int) ->
     return lp * batch.target_mask[:rows]
 
 
+def weight_decay_term(delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """‖δ‖ / ‖ref‖² (rome compute_v.py, memit compute_z.py), multiplied by v_weight_decay in the loss."""
+    return delta.norm() / ref.pow(2).sum()
+
+
 def optimise_shift(fwd: ShiftedForward, hp: dict[str, Any], ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """δ for ROME's v* / MEMIT's z (module docstring); returns δ and device-scalar stats."""
     batch, n_rw = fwd.rows.batch, fwd.rows.n_rewrite
     orig_kl_lp = fwd.logits0[n_rw:, 0].log_softmax(-1)
     n_tok = batch.target_mask[:n_rw].sum(-1)
     lp_before = _row_target_logprobs(fwd.logits0, batch, n_rw).sum(-1)
-    ref_sq = ref.pow(2).sum()
     delta = torch.zeros_like(ref, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=float(hp.get("v_lr", 0.5)))
     max_norm = float(hp.get("clamp_norm_factor", 4.0)) * ref.norm()
-    steps, threshold = int(hp.get("v_num_grad_steps", 20)), float(hp.get("v_early_stop_nll", 5e-2))
+    steps, threshold = int(hp.get("v_num_grad_steps", 20)), float(hp.get("v_early_stop_loss", EARLY_STOP_LOSS))
+    if steps < 1:
+        raise EditorError(f"v_num_grad_steps must be at least 1; got {steps}")
     kl_factor, decay_factor = float(hp.get("kl_factor", 0.0625)), float(hp.get("v_weight_decay", 0.5))
-    for step in range(steps + 1):
+    for step in range(steps):
         logits = fwd.logits(delta)
         lp = _row_target_logprobs(logits, batch, n_rw).sum(-1)
         nll = (-lp / n_tok).mean()
         edit_lp = logits[n_rw:, 0].log_softmax(-1)
         kl = (edit_lp.exp() * (edit_lp - orig_kl_lp)).sum(-1).mean()  # KL(edited ‖ original)
-        decay = delta.pow(2).sum() / ref_sq
-        loss = nll + kl_factor * kl + decay_factor * decay
-        if step == steps or nll.item() < threshold:  # one host sync per step, for the early stop
+        loss = nll + kl_factor * kl + decay_factor * weight_decay_term(delta, ref)
+        if step == steps - 1 or loss.item() < threshold:  # one host sync per step, for the early stop
             break
         opt.zero_grad()
         loss.backward()
@@ -269,9 +298,10 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def keys_and_residual(bundle: ModelBundle, cases: list[EditCase], prefixes: list[str], key_layers: list[int],
-                      residual_layer: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Keys at each of `key_layers`, averaged over the prefixes ([n_cases, d_mlp] float64), and the
-    residual after `residual_layer` on the bare prompt ([n_cases, d_model] float64)."""
+                      residual_layer: int, groups: list[int] | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Keys at each of `key_layers`, averaged over the prefixes ([n_cases, d_mlp] float64: `grouped_mean`
+    over `groups`, one group of all prefixes by default), and the residual after `residual_layer` on the
+    bare prompt ([n_cases, d_model] float64)."""
     tok, arch, model = bundle.tokenizer, bundle.arch, bundle.model
     texts, idx = [], []
     for case in cases:
@@ -315,12 +345,25 @@ def keys_and_residual(bundle: ModelBundle, cases: list[EditCase], prefixes: list
         for h in handles:
             h.remove()
     n = len(prefixes)
-    mean_keys = {layer: torch.cat(k).reshape(len(cases), n, -1).mean(1) for layer, k in keys.items()}
+    groups = groups or [n]
+    mean_keys = {layer: grouped_mean(torch.cat(k).reshape(len(cases), n, -1), groups) for layer, k in keys.items()}
     bare = torch.cat(residual).reshape(len(cases), n, -1)[:, 0]  # prefix 0 is "" (the bare prompt)
     return mean_keys, bare
 
 
 # --- covariance access ------------------------------------------------------------------
+
+def key_sample_args(hp: dict[str, Any]) -> dict[str, Any]:
+    """The corpus sample the hyperparameters ask for: corpus, n_samples and seed (`mom2_sample_seed`)."""
+    return dict(corpus=str(hp.get("mom2_dataset", "wikipedia")), n_samples=int(hp.get("mom2_n_samples", 1000)),
+                seed=int(hp.get("mom2_sample_seed", DEFAULT_SAMPLE_SEED)))
+
+
+def record_key_sample(hp: dict[str, Any]) -> None:
+    """Adds `key_statistics_sample` (corpus, seed, n, hash of the texts) to hp; the run manifest writes hp."""
+    if hp.get("mom2_adjustment", True):
+        hp["key_statistics_sample"] = dict(draw_sample(**key_sample_args(hp)).record)
+
 
 def covariances(bundle: ModelBundle, layers: list[int], hp: dict[str, Any]) -> dict[int, torch.Tensor]:
     """C = E[k kᵀ] (float64) for every layer, missing ones computed in one corpus pass;
@@ -328,8 +371,7 @@ def covariances(bundle: ModelBundle, layers: list[int], hp: dict[str, Any]) -> d
     if not hp.get("mom2_adjustment", True):
         eye = torch.eye(bundle.arch.d_mlp, dtype=torch.float64, device=bundle.device)
         return {layer: eye for layer in layers}
-    stats = second_moments(bundle, list(layers), corpus=str(hp.get("mom2_dataset", "wikipedia")),
-                           n_samples=int(hp.get("mom2_n_samples", 1000)), max_len=int(hp.get("mom2_max_len", 128)))
+    stats = second_moments(bundle, list(layers), max_len=int(hp.get("mom2_max_len", 128)), **key_sample_args(hp))
     return {layer: c.double() for layer, c in stats.items()}
 
 

@@ -9,8 +9,11 @@ the null space of the preserved-knowledge keys K₀:
   Then ‖P k‖² averages to Σ(eigenvalues kept) over corpus keys, so ΔW P K₀ ≈ 0.
 - Update (eq. 14, with its αI written `L2` as in the reference code):
       ΔW_l = R_l K_lᵀ P (K_p K_pᵀ P + K_l K_lᵀ P + L2 · I)⁻¹,
-  K_p the keys of the edits already made (sequential editing, eq. 13), accumulated per layer after
-  every apply() from the edited model and cleared by undo(). The rows of ΔW_l lie in range(P).
+  K_p the keys of the edits already made (sequential editing, eq. 13; AlphaEdit `AlphaEdit_main.py`
+  `cache_c`), computed per layer after every apply() from the edited model and cleared by undo().
+  A batch's keys join K_p only once its edit is known to have stayed in the model: the next apply()
+  checks that the edited layers still hold the weights that batch left (a batch the run rolled back,
+  e.g. for NaN weights, fails the check and its keys are dropped). The rows of ΔW_l lie in range(P).
   `mom2_update_weight` plays no part: P removes C's range, so λ C would vanish from the solve.
 Differences from the original code: those of editors/memit.py for z and the keys; P comes from a
 symmetric eigendecomposition (eigh) rather than an SVD of C (the same thing for a PSD matrix).
@@ -22,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editors._locate import keys_and_residual
 from editors.base import EditOutcome, EditorError, register
 from editors.memit import Memit
 
@@ -61,7 +63,8 @@ class AlphaEdit(Memit):
         if "nullspace_threshold" not in hparams:
             raise EditorError("alphaedit: hyperparameter 'nullspace_threshold' is required")
         self._projectors: dict[int, torch.Tensor] = {}
-        self._previous: dict[int, torch.Tensor] = {}  # K_p K_pᵀ per layer
+        self._previous: dict[int, torch.Tensor] = {}  # K_p K_pᵀ per layer, edits known to be in the model
+        self._pending: tuple[list[torch.Tensor], dict[int, torch.Tensor]] | None = None  # (weights digest, K Kᵀ)
 
     def projector(self, layer: int) -> torch.Tensor:
         if layer not in self._projectors:
@@ -80,16 +83,38 @@ class AlphaEdit(Memit):
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         for layer in self.layers:  # a bad threshold fails before any optimisation or weight change
             self.projector(layer)
+        self._settle()
         outcome = super().apply(cases)
         outcome.stats.update({f"nullspace_dim_L{layer}": dim for layer, dim in self.nullspace_dims().items()})
         return outcome
 
     def after_apply(self, cases: list[EditCase]) -> None:
-        """K_p += the batch's keys as the edited model now computes them (reference code, eq. 13)."""
-        keys, _ = keys_and_residual(self.bundle, cases, self.prefixes(), list(self.layers), self.z_layer)
-        for layer, k in keys.items():
-            k = k.T  # [d_mlp, n]
-            self._previous[layer] = self._previous.get(layer, torch.zeros_like(k @ k.T)) + k @ k.T
+        """Stages K Kᵀ of the batch's keys as the edited model now computes them (reference code, eq. 13);
+        they join K_p at the next apply() if the weights this batch left are still in place."""
+        keys, _ = self.keys(cases, list(self.layers))
+        self._pending = (self._digest(), {layer: k.T @ k for layer, k in keys.items()})
+
+    def _digest(self) -> list[torch.Tensor]:
+        """Σw and Σw² (float64) of every edited weight: changed by any edit or rollback of these layers."""
+        arch, model = self.bundle.arch, self.bundle.model
+        return [torch.stack([w.double().sum(), w.double().pow(2).sum()])
+                for w in (arch.mlp_out_matrix(model, layer).detach() for layer in self.layers)]
+
+    def _settle(self) -> None:
+        """Moves the staged keys into K_p if the model still holds the weights their batch left."""
+        if self._pending is None:
+            return
+        digest, products = self._pending
+        self._pending = None
+        if all(torch.equal(a, b) for a, b in zip(digest, self._digest())):
+            for layer, kk in products.items():
+                self._previous[layer] = self._previous.get(layer, torch.zeros_like(kk)) + kk
+
+    def preserved_products(self) -> dict[int, torch.Tensor]:
+        """K_p K_pᵀ per layer, including the latest batch if its edit is still in the model."""
+        self._settle()
+        return dict(self._previous)
 
     def undo(self) -> None:
         self._previous.clear()
+        self._pending = None

@@ -7,8 +7,9 @@ With Lagrange multipliers the closed form (paper eq. 9) is
 
     ΔW = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹,   C = λ C₀ (+ μ I),  λ = mom2_update_weight, μ = update_norm_lambda,
 
-so ΔW K = R exactly. `emmet_lambda` (ε) adds ε I to D = Kᵀ C⁻¹ K, as in the reference code, so
-that near-duplicate keys do not make D singular; with ε = 0 the constraints hold exactly. Targets z,
+so ΔW K = R exactly. `emmet_lambda` (ε) adds ε I to D = Kᵀ C⁻¹ K when the batch has more than one
+request, as the reference code does (unified-model-editing `emmet/emmet_main.py`), so that
+near-duplicate keys do not make D singular; with ε = 0, or a batch of one, the constraints hold exactly. Targets z,
 keys K (averaged over context prefixes) and the spread of the residual over `layers` (divided by
 the number of layers left) are MEMIT's: see editors/memit.py, whose differences apply here too.
 """
@@ -23,11 +24,13 @@ from editors.memit import Memit
 
 def emmet_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weight: float,
                  norm_lambda: float, emmet_lambda: float) -> torch.Tensor:
-    """ΔW = R (Kᵀ C'⁻¹ K + ε I)⁻¹ Kᵀ C'⁻¹ with C' = λ C + μ I, in float64."""
+    """ΔW = R (Kᵀ C'⁻¹ K + ε I)⁻¹ Kᵀ C'⁻¹ with C' = λ C + μ I, in float64; ε only for more than one key."""
     k, r = keys.double(), resid.double()
     c_prime = weight * c.double() + norm_lambda * torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
     cinv_k = torch.linalg.solve(c_prime, k)  # C'⁻¹ K
-    d = k.T @ cinv_k + emmet_lambda * torch.eye(k.shape[1], dtype=torch.float64, device=k.device)
+    d = k.T @ cinv_k
+    if k.shape[1] > 1:
+        d = d + emmet_lambda * torch.eye(k.shape[1], dtype=torch.float64, device=k.device)
     return r @ torch.linalg.solve(d, cinv_k.T)  # R D⁻¹ Kᵀ C'⁻¹
 
 

@@ -1,18 +1,25 @@
 """Second moment C = E[k kᵀ] of MLP keys (the input of the MLP output projection) over corpus tokens.
 
 ROME (Meng et al. 2022, eq. 2) and MEMIT use C as the key covariance of the layer
-they rewrite. It depends only on the weights, the layer and the corpus, so it is
+they rewrite. It depends only on the weights, the layer and the texts, so it is
 computed once and cached under `cache_dir()/stats` with a JSON sidecar recording
 what determined it.
+
+The texts are a seeded random sample of the corpus, as rome `rome/layer_stats.py` samples
+Wikipedia (`tally(..., random_sample=1)`: a `random.Random(seed)` shuffle of the article
+indices, the first n kept). For the offline Wikipedia corpus the last `HELDOUT_TAIL` texts
+are never drawn: they are the held-out perplexity texts (bench/perplexity.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +35,40 @@ log = logging.getLogger("bench")
 DEFAULT_N_SAMPLES = 1000
 DEFAULT_MAX_LEN = 128
 DEFAULT_BATCH_SIZE = 16
+DEFAULT_SAMPLE_SEED = 1  # rome layer_stats.py: random_sample=1
+HELDOUT_TAIL = {DEFAULT_CORPUS: 1000}  # texts at the end of a corpus kept out of every sample
+
+_SAMPLES: dict[tuple[str, int, int], KeySample] = {}
+
+
+@dataclass(frozen=True)
+class KeySample:
+    """The texts C is computed on, and a record of how they were drawn (for manifests and the cache key)."""
+
+    texts: list[str]
+    record: dict[str, Any]
+
+
+def sample_indices(population: int, n_samples: int, seed: int) -> list[int]:
+    """The first n of a `random.Random(seed)` shuffle of range(population), as rome's FixedRandomSubsetSampler."""
+    order = list(range(population))
+    random.Random(seed).shuffle(order)
+    return order[:n_samples]
+
+
+def draw_sample(corpus: str = DEFAULT_CORPUS, n_samples: int = DEFAULT_N_SAMPLES,
+                seed: int = DEFAULT_SAMPLE_SEED) -> KeySample:
+    """The seeded random sample of `corpus` (cached per process); its record names the exact texts by hash."""
+    key = (corpus, int(n_samples), int(seed))
+    if key not in _SAMPLES:
+        texts, identity = load_corpus(corpus)
+        tail = min(HELDOUT_TAIL.get(corpus, 0), len(texts) - 1)
+        picked = [texts[i] for i in sample_indices(len(texts) - tail, int(n_samples), int(seed))]
+        digest = sha256_text("\n".join(sorted(sha256_text(t) for t in picked)))
+        record = dict(corpus=identity, seed=int(seed), n_requested=int(n_samples), n_texts=len(picked),
+                      population=len(texts) - tail, excluded_tail=tail, texts_sha256=digest)
+        _SAMPLES[key] = KeySample(picked, record)
+    return _SAMPLES[key]
 
 
 class _StopForward(Exception):
@@ -36,18 +77,18 @@ class _StopForward(Exception):
 
 def second_moment(bundle: ModelBundle, layer: int, corpus: str = DEFAULT_CORPUS,
                   n_samples: int = DEFAULT_N_SAMPLES, max_len: int = DEFAULT_MAX_LEN,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+                  batch_size: int = DEFAULT_BATCH_SIZE, seed: int = DEFAULT_SAMPLE_SEED) -> torch.Tensor:
     """C = E[k kᵀ] at `layer`: [d_mlp, d_mlp] float32 on the model device (cached)."""
-    return second_moments(bundle, [layer], corpus, n_samples, max_len, batch_size)[layer]
+    return second_moments(bundle, [layer], corpus, n_samples, max_len, batch_size, seed)[layer]
 
 
 def second_moments(bundle: ModelBundle, layers: list[int], corpus: str = DEFAULT_CORPUS,
                    n_samples: int = DEFAULT_N_SAMPLES, max_len: int = DEFAULT_MAX_LEN,
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> dict[int, torch.Tensor]:
-    """C for several layers; the uncached ones are computed together in one pass over the corpus."""
-    texts, identity = load_corpus(corpus)
-    texts = texts[:n_samples]
-    paths = {layer: _cache_path(bundle, layer, identity, n_samples, max_len) for layer in layers}
+                   batch_size: int = DEFAULT_BATCH_SIZE, seed: int = DEFAULT_SAMPLE_SEED) -> dict[int, torch.Tensor]:
+    """C for several layers; the uncached ones are computed together in one pass over the sample."""
+    sample = draw_sample(corpus, n_samples, seed)
+    texts, identity = sample.texts, sample.record["corpus"]
+    paths = {layer: _cache_path(bundle, layer, sample.record, max_len) for layer in layers}
     missing = sorted({layer for layer, p in paths.items() if not p.exists()})
     if missing:
         log.info("statistics: computing E[kkᵀ] of %s layer(s) %s on %d texts of %s (max_len %d)",
@@ -58,15 +99,19 @@ def second_moments(bundle: ModelBundle, layers: list[int], corpus: str = DEFAULT
         for layer in missing:
             meta = dict(model=bundle.name, model_sha256=bundle.provenance.get("sha256"), layer=layer,
                         corpus=identity, n_samples=n_samples, n_texts=len(texts), max_len=max_len,
-                        n_tokens=count, dtype_model=str(bundle.dtype), seconds=round(seconds, 1))
+                        n_tokens=count, dtype_model=str(bundle.dtype), seconds=round(seconds, 1),
+                        sample=sample.record)
             _save(paths[layer], (sums[layer] / max(count, 1)).float().cpu(), meta)
     return {layer: torch.load(paths[layer], map_location=bundle.device) for layer in layers}
 
 
-def _cache_path(bundle: ModelBundle, layer: int, identity: str, n_samples: int, max_len: int) -> Path:
-    key = json.dumps([bundle.provenance.get("sha256") or bundle.name, layer, identity, n_samples, max_len])
+def _cache_path(bundle: ModelBundle, layer: int, sample: dict[str, Any], max_len: int) -> Path:
+    """Keyed by the model, the layer, max_len and the sample (corpus identity, seed and the texts' hash)."""
+    key = json.dumps([bundle.provenance.get("sha256") or bundle.name, layer, sample["corpus"], sample["seed"],
+                      sample["n_requested"], sample["texts_sha256"], max_len])
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in bundle.name.split("/")[-1])
-    return cache_dir() / "stats" / safe / f"mom2-L{layer}-n{n_samples}-len{max_len}-{sha256_text(key)[:16]}.pt"
+    n = sample["n_requested"]
+    return cache_dir() / "stats" / safe / f"mom2-L{layer}-n{n}-len{max_len}-s{sample['seed']}-{sha256_text(key)[:16]}.pt"
 
 
 def _save(path: Path, matrix: torch.Tensor, meta: dict) -> None:

@@ -2,20 +2,20 @@
 
 For a batch of n requests (s_i, r_i, o_i) and the layers R = `layers` (paper Alg. 1):
 
-1. Target residual (eq. 16): for each request, z_i = h_i^L + δ_i with h_i^L the residual after the
-   last edited layer L = max(R) at the subject's last token of the bare prompt, and δ_i found as in
-   ROME (editors/_locate.py: NLL over context prefixes + kl_factor · KL on "{s} is a" +
-   v_weight_decay · ‖δ‖²/‖h^L‖², ‖δ‖ ≤ clamp_norm_factor · ‖h^L‖).
-2. For each layer l in R, lowest first (Alg. 1 lines 8-13), on the model already edited below l:
-   K_l = [k_1 … k_n], k_i the key at l averaged over the context prefixes (eq. 19);
+1. Target residual (eq. 16; memit `memit/compute_z.py`): for each request, z_i = h_i^L + δ_i with h_i^L
+   the residual after the last edited layer L = max(R) at the subject's last token of the bare prompt,
+   and δ_i found as in ROME (editors/_locate.py: NLL over context prefixes + kl_factor · KL at the
+   subject's last token of the bare "{s} is a" + v_weight_decay · ‖δ‖/‖h^L‖², ‖δ‖ ≤ clamp_norm_factor · ‖h^L‖).
+2. For each layer l in R, lowest first (Alg. 1 lines 8-13; `memit/memit_main.py`), on the model already
+   edited below l:
+   K_l = [k_1 … k_n], k_i the key at l averaged within each prefix group (the bare prompt; the
+   prefixes of each (length, n) entry) and then over the groups (eq. 19; `memit/compute_ks.py`);
    R_l = [z_i − h_i^L(current model)] / (number of layers left, l included)   (eq. 20);
    ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹   (eq. 14 with C₀ = λ C_l, λ = mom2_update_weight),
    the minimiser of ‖(W+Δ)K_l − (W K_l + R_l)‖² + λ tr(Δ C_l Δᵀ); solved in float64.
    C_l = E[k kᵀ] over the corpus (editors/keystats.py), all layers in one pass.
 
-Differences from the original code, deliberate:
-- δ's weight decay is ‖δ‖²/‖h^L‖² (scale free, as our ROME) instead of ‖δ‖/‖h^L‖².
-- The KL term is taken on the essence prompt under every context prefix, not only the bare one.
+Differences from the original code:
 - δ is added to the MLP output of layer L rather than to the block output: the same residual shift.
 - Context prefixes are sampled with ROME's generator (seed words, top-k 5, fixed seed);
   `context_template_length_params` defaults to MEMIT's [[10, 5]].
@@ -35,6 +35,8 @@ from editors._locate import (
     covariances,
     keys_and_residual,
     optimise_shift,
+    prefix_groups,
+    record_key_sample,
     subject_rows,
 )
 from editors.base import EditOutcome, Editor, register
@@ -73,6 +75,7 @@ class Memit(Editor):
         super().__init__(bundle, hparams)
         self.layers = check_layers(self.name, bundle, hparams)
         self.z_layer = self.layers[-1]
+        record_key_sample(hparams)
         self.last_steps: list[LayerStep] = []  # the latest apply() only
         self.last_targets: torch.Tensor | None = None  # z_i [n, d_model] of the latest apply()
         self._c: dict[int, torch.Tensor] | None = None
@@ -81,7 +84,15 @@ class Memit(Editor):
         return [self.bundle.arch.mlp_out_weight_name(layer) for layer in self.layers]
 
     def prefixes(self) -> list[str]:
-        return context_prefixes(self.bundle, self.hparams.get("context_template_length_params", MEMIT_LENGTH_PARAMS))
+        return context_prefixes(self.bundle, self.length_params())
+
+    def length_params(self) -> list[list[int]]:
+        return self.hparams.get("context_template_length_params", MEMIT_LENGTH_PARAMS)
+
+    def keys(self, cases: list[EditCase], layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Grouped-mean keys at `layers` ([n, d_mlp]) and the bare prompt's residual after z_layer ([n, d_model])."""
+        return keys_and_residual(self.bundle, cases, self.prefixes(), layers, self.z_layer,
+                                 prefix_groups(self.length_params()))
 
     def covariances(self) -> dict[int, torch.Tensor]:
         if self._c is None:
@@ -111,10 +122,10 @@ class Memit(Editor):
             return EditOutcome(layers=list(self.layers), stats={"n_cases": 0})
         targets, per_case = self.z_targets(cases)
         self.covariances()  # every missing layer in one pass, before the first update
-        arch, model, prefixes = self.bundle.arch, self.bundle.model, self.prefixes()
+        arch, model = self.bundle.arch, self.bundle.model
         self.last_steps, z_errors = [], []
         for i, layer in enumerate(self.layers):
-            keys, current = keys_and_residual(self.bundle, cases, prefixes, [layer], self.z_layer)
+            keys, current = self.keys(cases, [layer])
             residual = (targets - current).T  # [d_model, n]
             z_errors.append(residual.norm(dim=0).mean())
             resid = residual / (len(self.layers) - i)

@@ -1,32 +1,30 @@
-"""ROME: Rank-One Model Editing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
+"""ROME: Rank-One Model Editing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT"),
+as published: the update of the reference code (kmeng01/rome `rome/rome_main.py`, `compute_u.py`,
+`compute_v.py`).
 
 The MLP output projection W of one layer l is treated as a linear associative memory
-that maps keys k (its input) to values v = W k (its output, bias excluded). One edit:
+that maps keys k (its input) to values (its output). One edit:
 
-1. Key k* (paper §3.1, eq. 3): the mean, over N short prefixes x_j sampled from the model
-   itself plus the bare prompt, of the out-projection input at the subject's last token.
-2. Value v* (eq. 4): v* = v0 + δ with v0 = W k*. δ is added to the out-projection output at
-   the subject's last token and found by Adam, minimising
-       mean_j NLL(o* | x_j + p)                       (all target tokens, averaged per token)
-     + kl_factor · KL(P_edited(· | p') ‖ P_orig(· | p'))  on essence prompts p' = "{s} is a"
-     + v_weight_decay · ‖δ‖² / ‖v0‖²,
-   with ‖δ‖ ≤ clamp_norm_factor · ‖v0‖ enforced after every step; stops early when the NLL
-   falls below `v_early_stop_nll`. The loss is read at the final logits.
-3. Update (eq. 2): Ŵ = W + (v* − W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*), C = E[k kᵀ] over a text
-   corpus (editors/keystats.py), or C = I when `mom2_adjustment` is false. Solved in float64.
+1. Key k* (paper §3.1, eq. 3; `compute_u.py`): the flat mean, over N short prefixes x_j sampled
+   from the model itself plus the bare prompt, of the out-projection input at the subject's last token.
+2. δ (eq. 4; `compute_v.py`): added to the out-projection output at the subject's last token of every
+   prompt and found by Adam (editors/_locate.py `optimise_shift`):
+       mean_j NLL(o* | x_j + p)                                  (all target tokens, averaged per token)
+     + kl_factor · KL(P_edited ‖ P_orig) at the subject's last token of the bare "{s} is a"
+     + v_weight_decay · ‖δ‖ / ‖v0‖²,
+   with v0 the out-projection output (bias included) at the bare prompt and ‖δ‖ ≤ clamp_norm_factor · ‖v0‖
+   after every step; at most `v_num_grad_steps` passes, stopping once the total loss is below 5e-2.
+3. Update (`compute_v.py`: right vector = (v* − v_bare) / (k_bareᵀ u), u = C⁻¹k*): with k_bare the key of
+   the bare prompt and v* = W k_bare + δ,
+       ΔW = δ (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k_bare),   so (W + ΔW) k_bare = v*.
+   C = E[k kᵀ] over a corpus sample (editors/keystats.py), or C = I when `mom2_adjustment` is false.
+   Solved in float64. The mismatch of k* (numerator) and k_bare (denominator) is what makes
+   sequential ROME collapse (Gupta et al. 2024); `r-rome` (editors/r_rome.py) is their fix.
 
-Differences from the original code, deliberate:
-- The same k* is used in the numerator and the denominator, as in eq. 2. The original code
-  used a differently-averaged key in the denominator; Gupta et al. 2024 ("Rebuilding ROME")
-  showed this causes "disabling edits" that collapse the model. So `rome` already carries their
-  fix; `r-rome` (editors/r_rome.py) differs only in its target, v* = W k_bare + δ (their code)
-  instead of W k* + δ, and offers the original code's update for comparison.
-- The layers below the edited one run once per edit, not once per step (editors/_locate.py).
-- The KL term is taken on the essence prompt under every context prefix (the original code
-  used only the bare "{s} is a"); the weight decay is ‖δ‖²/‖v0‖² (scale free).
-- Context prefixes are sampled once per model with a fixed seed, shared by all editor instances.
-- v0 is W k* directly (the mean of the per-prompt out-projection outputs, bias excluded).
-Several cases in one `apply` are edited one after the other, each on the already-edited model.
+Differences from the original code: the layers below the edited one run once per edit, not once per
+step (editors/_locate.py); context prefixes are sampled once per model with a fixed seed from seed
+words, not from "<|endoftext|>". Several cases in one `apply` are edited one after the other, each on
+the already-edited model, as `apply_rome_to_model` does.
 """
 
 from __future__ import annotations
@@ -44,6 +42,7 @@ from editors._locate import (  # noqa: F401  (fill_subject, subject_last_index: 
     subject_last_index,
     subject_rows,
 )
+from editors._locate import key_sample_args, record_key_sample
 from editors.base import EditOutcome, Editor, EditorError, register
 from editors.keystats import second_moment
 
@@ -58,28 +57,36 @@ class RomeStep:
 
     case_id: str
     layer: int
-    key: torch.Tensor  # k* [d_mlp] float32
+    key: torch.Tensor  # the key that W + ΔW maps to `value` [d_mlp] float32
+    k_star: torch.Tensor  # the prefix-averaged key in C⁻¹k* [d_mlp] float32
     value: torch.Tensor  # v* [d_model] float32
-    v0: torch.Tensor  # W k* before the edit [d_model]
+    v0: torch.Tensor  # the out-projection output (bias included) at the bare prompt, before the edit [d_model]
+    delta: torch.Tensor  # δ from the optimisation [d_model]
     delta_w: torch.Tensor  # the applied update [d_model, d_mlp] float32
 
 
 # --- pure functions ------------------------------------------------------------
 
+def original_rome_update(w: torch.Tensor, c: torch.Tensor | None, left_key: torch.Tensor, right_key: torch.Tensor,
+                         value: torch.Tensor) -> torch.Tensor:
+    """ΔW = (v − W k_r) (C⁻¹k_l)ᵀ / ((C⁻¹k_l)ᵀ k_r) in float64; C None means identity.
+    ROME's code: k_l = k*, k_r = k_bare, v = W k_bare + δ."""
+    k_l, k_r = left_key.double(), right_key.double()
+    u = k_l if c is None else torch.linalg.solve(c.double(), k_l)  # C⁻¹ k_l
+    return torch.outer(value.double() - w.double() @ k_r, u) / (u @ k_r)
+
+
 def rank_one_update(w: torch.Tensor, c: torch.Tensor | None, key: torch.Tensor,
                     value: torch.Tensor) -> torch.Tensor:
-    """Paper eq. 2: ΔW = (v* − W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*) in float64; C None means identity."""
-    k = key.double()
-    u = k if c is None else torch.linalg.solve(c.double(), k)  # C⁻¹ k*
-    residual = value.double() - w.double() @ k
-    return torch.outer(residual, u) / (u @ k)
+    """Paper eq. 2 with one key: ΔW = (v* − W k*) (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀ k*) in float64 (r-ROME's update)."""
+    return original_rome_update(w, c, key, key, value)
 
 
 # --- the editor ------------------------------------------------------------------
 
 @register("rome")
 class Rome(Editor):
-    """ROME (Meng et al. 2022): rank-one update of one MLP output projection, k* over context prefixes."""
+    """ROME (Meng et al. 2022) as published: k* over context prefixes, the bare prompt's key in the denominator."""
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
@@ -92,6 +99,7 @@ class Rome(Editor):
         if loss_layer not in (-1, bundle.arch.n_layers - 1):
             raise EditorError(f"{self.name}: v_loss_layer must be the last layer ({bundle.arch.n_layers - 1}) or -1")
         self.layer = int(layers[0])
+        record_key_sample(hparams)
         self.history: list[RomeStep] = []
         self._prefixes: list[str] | None = None
         self._c: torch.Tensor | None = None
@@ -111,37 +119,33 @@ class Rome(Editor):
         if not self.hparams.get("mom2_adjustment", True):
             return None
         if self._c is None:
-            self._c = second_moment(
-                self.bundle, self.layer, corpus=str(self.hparams.get("mom2_dataset", "wikipedia")),
-                n_samples=int(self.hparams.get("mom2_n_samples", 1000)),
-                max_len=int(self.hparams.get("mom2_max_len", 128)),
-            ).double()
+            self._c = second_moment(self.bundle, self.layer, max_len=int(self.hparams.get("mom2_max_len", 128)),
+                                    **key_sample_args(self.hparams)).double()
         return self._c
 
     def edit_one(self, case: EditCase) -> dict[str, torch.Tensor]:
         """Computes k*, v*, applies eq. 2 in place; returns device scalars for the stats."""
         fwd = ShiftedForward(self.bundle, self.layer, subject_rows(self.bundle, case, self.prefixes()))
         w = self.bundle.arch.mlp_out_matrix(self.bundle.model, self.layer)
-        key_rows = fwd.keys[: fwd.rows.n_rewrite]  # [prefixes, d_mlp], the key under each prefix
-        k_star = key_rows.mean(0)
-        with torch.no_grad():
-            v0 = w.float() @ k_star
+        key_rows = fwd.keys[: fwd.rows.n_rewrite]  # [prefixes, d_mlp], the key under each prefix; row 0 bare
+        v0 = fwd.values[0]  # compute_v.py `target_init`: the out-projection output at the bare prompt
         delta, stats = optimise_shift(fwd, self.hparams, v0)
         key, v_star, delta_w = self.update(w, self.covariance(), key_rows, delta)
         with torch.no_grad():
             w.add_(delta_w.to(w.dtype))
-        self.history.append(RomeStep(case.case_id, self.layer, key, v_star, v0, delta_w.float()))
+        self.history.append(RomeStep(case.case_id, self.layer, key, key_rows.mean(0), v_star, v0, delta, delta_w.float()))
         del self.history[:-1]  # only the latest step: a d_model x d_mlp matrix per edit adds up over long runs
-        return {**stats, "v0_norm": v0.norm(), "v_star_norm": v_star.norm(), "key_norm": k_star.norm(),
+        return {**stats, "v0_norm": v0.norm(), "v_star_norm": v_star.norm(), "key_norm": key_rows.mean(0).norm(),
                 "update_norm": delta_w.float().norm()}
 
     def update(self, w: torch.Tensor, c: torch.Tensor | None, key_rows: torch.Tensor,
                delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Eq. 2 with k* = mean of `key_rows` and v* = W k* + δ; returns (k*, v*, ΔW float64)."""
-        k_star = key_rows.mean(0)
+        """ROME's code: k* = mean of `key_rows` in C⁻¹k*, k_bare = row 0 in the denominator, v* = W k_bare + δ;
+        returns (k_bare, v*, ΔW float64), (W + ΔW) k_bare = v*."""
+        k_star, k_bare = key_rows.mean(0), key_rows[0]
         with torch.no_grad():
-            v_star = w.float() @ k_star + delta
-        return k_star, v_star, rank_one_update(w, c, k_star, v_star)
+            v_star = w.float() @ k_bare + delta
+        return k_bare, v_star, original_rome_update(w, c, k_star, k_bare, v_star)
 
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         per_case = [self.edit_one(case) for case in cases]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -76,13 +78,14 @@ def _independent_moment(bundle: ModelBundle, texts: list[str], layer: int, max_l
 @pytest.mark.parametrize("name", TINY)
 def test_second_moment_matches_independent(cache: Path, corpus_file: Path, name: str, monkeypatch) -> None:
     bundle = load_model(name, "cpu")
-    texts, _ = load_corpus(str(corpus_file))
+    texts = keystats.draw_sample(str(corpus_file), 12).texts
+    assert texts != load_corpus(str(corpus_file))[0][:12]  # a random sample, not the first texts
     c = keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, batch_size=5)
-    expected = _independent_moment(bundle, texts[:12], 1, 32)
+    expected = _independent_moment(bundle, texts, 1, 32)
     assert c.shape == (bundle.arch.d_mlp, bundle.arch.d_mlp) and c.dtype == torch.float32
     assert torch.allclose(c.double(), expected, rtol=1e-4, atol=1e-7 * expected.abs().max())
     sidecars = list((cache / "stats").rglob("*n12-len32*.json"))
-    n_tokens = sum(min(len(prompt_ids(bundle.tokenizer, t)), 32) for t in texts[:12])
+    n_tokens = sum(min(len(prompt_ids(bundle.tokenizer, t)), 32) for t in texts)
     assert any(json.loads(p.read_text())["n_tokens"] == n_tokens for p in sidecars)
 
     def boom(*_a, **_k):
@@ -95,6 +98,36 @@ def test_second_moment_matches_independent(cache: Path, corpus_file: Path, name:
     other = keystats.second_moment(bundle, 1, str(corpus_file), n_samples=6, max_len=32)
     assert len(set((cache / "stats").rglob("*.pt")) - before) == 1
     assert not torch.equal(other, c)
+
+
+def test_key_sample_is_seeded_random_and_recorded(cache: Path, corpus_file: Path, monkeypatch) -> None:
+    """rome layer_stats.py's sampler: the first n of a random.Random(seed) shuffle of the text indices. The record
+    names the texts by hash; another seed is another sample and another cache entry; the tail is never drawn."""
+    texts = load_corpus(str(corpus_file))[0]
+    order = list(range(len(texts)))
+    random.Random(1).shuffle(order)
+    sample = keystats.draw_sample(str(corpus_file), 12, seed=1)
+    assert sample.texts == [texts[i] for i in order[:12]]
+    digest = hashlib.sha256("\n".join(sorted(hashlib.sha256(t.encode()).hexdigest() for t in sample.texts))
+                            .encode()).hexdigest()
+    assert sample.record["texts_sha256"] == digest and sample.record["seed"] == 1 and sample.record["n_texts"] == 12
+    other = keystats.draw_sample(str(corpus_file), 12, seed=2)
+    assert set(other.texts) != set(sample.texts) and other.record["texts_sha256"] != digest
+
+    bundle = load_model("tiny-gpt2", "cpu")
+    before = set((cache / "stats").rglob("*.pt"))
+    keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, seed=1)
+    keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, seed=2)
+    assert len(set((cache / "stats").rglob("*.pt")) - before) == 2
+
+    monkeypatch.setattr(keystats, "HELDOUT_TAIL", {str(corpus_file): 10})
+    monkeypatch.setattr(keystats, "_SAMPLES", {})
+    everything = keystats.draw_sample(str(corpus_file), 1000)
+    assert sorted(everything.texts) == sorted(texts[:-10]) and everything.record["excluded_tail"] == 10
+
+    hp = _hparams("rome", bundle, corpus_file)
+    get_editor("rome")(bundle, hp)  # the editor writes how its C's texts were drawn into its hyperparameters
+    assert hp["key_statistics_sample"] == keystats.draw_sample(str(corpus_file), 40).record
 
 
 # --- ROME -------------------------------------------------------------------------
@@ -122,18 +155,18 @@ def test_rome_rank_one_update(cache: Path, corpus_file: Path, name: str) -> None
     assert outcome.layers == [layer]
     assert all(isinstance(v, (int, float)) for v in outcome.stats.values())
     step = editor.history[-1]
-    k, v = step.key.double(), step.value.double()
+    k, v, k_star = step.key.double(), step.value.double(), step.k_star.double()
     w1 = bundle.arch.mlp_out_matrix(bundle.model, layer).detach().double()
 
-    # W' k* = v*
+    # W' k_bare = v*
     assert (w1 @ k - v).norm() / v.norm() < 1e-3
     # rank one
     s = torch.linalg.svdvals(w1 - w0)
     assert s[1] / s[0] < 1e-5
-    # eq. 2 recomputed from C, k*, v* with an explicit inverse
+    # ROME's code recomputed from C, k*, k_bare, δ with an explicit inverse
     c = keystats.second_moment(bundle, layer, hp["mom2_dataset"], hp["mom2_n_samples"], hp["mom2_max_len"]).double()
-    u = torch.linalg.inv(c) @ k
-    expected = torch.outer(v - w0 @ k, u) / (u @ k)
+    u = torch.linalg.inv(c) @ k_star
+    expected = torch.outer(step.delta.double(), u) / (u @ k)
     assert (w1 - w0 - expected).norm() / expected.norm() < 1e-3
     assert _logprob(bundle, CASE) > lp_before
 
@@ -145,8 +178,8 @@ def test_rome_identity_covariance(cache: Path) -> None:
     w0 = bundle.arch.mlp_out_matrix(bundle.model, 1).detach().double().clone()
     editor.apply([CASE])
     step = editor.history[-1]
-    k, v = step.key.double(), step.value.double()
-    expected = torch.outer(v - w0 @ k, k) / (k @ k)
+    k_bare, k_star = step.key.double(), step.k_star.double()
+    expected = torch.outer(step.delta.double(), k_star) / (k_star @ k_bare)
     w1 = bundle.arch.mlp_out_matrix(bundle.model, 1).detach().double()
     assert (w1 - w0 - expected).norm() / expected.norm() < 1e-3
 

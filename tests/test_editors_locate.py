@@ -9,12 +9,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from bench.corpus import load_corpus
 from bench.data import EditCase
 from bench.models import ModelBundle, load_model
 from bench.run import backup, restore
 from editors import keystats
-from editors._locate import ShiftedForward, context_prefixes, keys_and_residual, subject_rows
+from bench.tokens import target_ids
+from editors._locate import (ShiftedForward, context_prefixes, keys_and_residual, optimise_shift, subject_rows,
+                              weight_decay_term)
+from editors.emmet import emmet_update
 from editors.base import EditorError, get_editor, load_hparams
 
 from conftest import write_pseudo_corpus
@@ -69,7 +71,7 @@ def _apply_and_restore(bundle: ModelBundle, editor, cases: list[EditCase]) -> di
 def _bare_key(bundle: ModelBundle, layer: int, case: EditCase) -> torch.Tensor:
     """The key at the subject's last token of the bare prompt, from a plain hook (no _locate code)."""
     text = case.rewrite_prompt
-    prefix_ids = bundle.tokenizer(text[: text.index(case.subject) + len(case.subject)]).input_ids
+    prefix_ids = bundle.tokenizer(text[: case.prompt.index("{}") + len(case.subject)]).input_ids
     seen = []
     handle = bundle.arch.mlp_out_proj(bundle.model, layer).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
     with torch.no_grad():
@@ -107,55 +109,123 @@ def test_shifted_forward_matches_full_forward(models, name: str) -> None:
     assert not torch.allclose(fwd._full(delta), fwd.logits0, atol=1e-3)  # δ does reach the logits
 
 
-# --- r-rome -----------------------------------------------------------------------------
+# --- rome and r-rome ----------------------------------------------------------------
+
+def _prefixed_keys(bundle: ModelBundle, layer: int, case: EditCase, prefixes: list[str]) -> torch.Tensor:
+    """[n_prefixes, d_mlp]: the key at the subject's last token of prefix + prompt, one plain forward each."""
+    return torch.stack([_bare_key(bundle, layer, _with_prefix(case, prefix)) for prefix in prefixes])
+
+
+def _with_prefix(case: EditCase, prefix: str) -> EditCase:
+    return EditCase(case_id=case.case_id, relation=case.relation, subject=case.subject, prompt=prefix + case.prompt,
+                    target_true=case.target_true, target_new=case.target_new, paraphrases=(), neighborhood=())
+
+
+def _mlp_out_at_bare(bundle: ModelBundle, layer: int, case: EditCase) -> torch.Tensor:
+    """The out-projection's output (bias included) at the subject's last token of the bare prompt."""
+    text = case.rewrite_prompt
+    at = len(bundle.tokenizer(text[: case.prompt.index("{}") + len(case.subject)]).input_ids) - 1
+    seen = []
+    handle = bundle.arch.mlp_out_proj(bundle.model, layer).register_forward_hook(lambda _m, _a, out: seen.append(out))
+    with torch.no_grad():
+        bundle.model(input_ids=torch.tensor([bundle.tokenizer(text).input_ids]))
+    handle.remove()
+    return seen[0][0, at].double()
+
 
 @pytest.mark.parametrize("name", TINY)
-def test_rrome_update_against_paper(models, corpus_file: Path, name: str) -> None:
-    """r-ROME eq.: ΔW = (W k_b + δ − W k*)(C⁻¹k*)ᵀ/((C⁻¹k*)ᵀk*); the original code's: δ (C⁻¹k*)ᵀ/((C⁻¹k*)ᵀk_b).
-    δ and k* come from `rome` on the same model (the optimisation is shared and deterministic)."""
+def test_rome_published_update_and_rrome_fix(models, corpus_file: Path, name: str) -> None:
+    """rome: a transcription of rome compute_u.py / compute_v.py / rome_main.py on the same tensors:
+    u = C⁻¹k*/‖C⁻¹k*‖, right = (target − cur_output)/(k_bare·u) with target − cur_output = δ, ΔW = right uᵀ.
+    r-rome: ΔW = (W k_bare + δ − W k*)(C⁻¹k*)ᵀ/((C⁻¹k*)ᵀk*); with enable_random_prefix_keys false, rome's.
+    k* and k_bare come from plain hooks; δ from the editor (the optimisation is shared and deterministic)."""
     bundle, case = models[name], CASES[0]
     hp = _hparams("r-rome", bundle, corpus_file)
     rome = get_editor("rome")(bundle, _hparams("rome", bundle, corpus_file))
-    d_rome = _apply_and_restore(bundle, rome, [case])[rome.layer]
-    step = rome.history[-1]
     layer, w = rome.layer, _w(bundle, rome.layer)
-    k_star, delta = step.key.double(), (step.value - step.v0).double()
-    k_bare = _bare_key(bundle, layer, case)
-    u = torch.linalg.inv(_cov(bundle, layer, hp)) @ k_star
+    k_rows = _prefixed_keys(bundle, layer, case, rome.prefixes())
+    k_star, k_bare = k_rows.mean(0), k_rows[0]
+    d_rome = _apply_and_restore(bundle, rome, [case])[layer]
+    delta = rome.history[-1].delta.double()
+    inv_c = torch.linalg.inv(_cov(bundle, layer, hp))
+    left = inv_c @ k_star / (inv_c @ k_star).norm()
+    right = delta / torch.dot(k_bare, left)
+    assert _rel(d_rome, torch.outer(right, left)) < 1e-3
+    assert ((w + d_rome) @ k_bare - (w @ k_bare + delta)).norm() / (w @ k_bare + delta).norm() < 1e-3
 
     fixed = get_editor("r-rome")(bundle, hp)
     d_fixed = _apply_and_restore(bundle, fixed, [case])[layer]
-    expected = torch.outer(w @ k_bare + delta - w @ k_star, u) / (u @ k_star)
-    assert _rel(d_fixed, expected) < 1e-3
-    assert _rel(d_fixed - d_rome, torch.outer(w @ (k_bare - k_star), u) / (u @ k_star)) < 1e-3  # the stated difference
+    assert torch.allclose(fixed.history[-1].delta, rome.history[-1].delta)
+    u = inv_c @ k_star
+    assert _rel(d_fixed, torch.outer(w @ k_bare + delta - w @ k_star, u) / (u @ k_star)) < 1e-3
     assert ((w + d_fixed) @ k_star - fixed.history[-1].value.double()).norm() / fixed.history[-1].value.norm() < 1e-3
 
     original = get_editor("r-rome")(bundle, {**hp, "enable_random_prefix_keys": False})
-    d_orig = _apply_and_restore(bundle, original, [case])[layer]
-    assert _rel(d_orig, torch.outer(delta, u) / (u @ k_bare)) < 1e-3
-    assert ((w + d_orig) @ k_bare - (w @ k_bare + delta)).norm() / (w @ k_bare + delta).norm() < 1e-3
+    assert _rel(_apply_and_restore(bundle, original, [case])[layer], d_rome) < 1e-6
 
-
-# --- memit ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", TINY)
-def test_memit_batch_of_one_vs_rome(models, corpus_file: Path, name: str) -> None:
-    """One layer, one request, no decay or clamp: both optimise the same δ at the same layer, and
-    Sherman-Morrison gives ΔW_memit = ΔW_rome · kᵀC⁻¹k / (λ + kᵀC⁻¹k). The remaining known
-    differences (decay/clamp relative to ‖z₀‖ instead of ‖W k*‖, several layers) are switched off."""
+def test_v0_is_the_mlp_output_with_bias(models, corpus_file: Path, name: str) -> None:
+    """compute_v.py's target_init: the MLP output at the bare prompt, c_proj bias included (GPT-2; the
+    random-init bias is zero, so a non-zero one is set for the test)."""
+    bundle, case = models[name], CASES[0]
+    rome = get_editor("rome")(bundle, _hparams("rome", bundle, corpus_file))
+    bias = bundle.arch.mlp_out_proj(bundle.model, rome.layer).bias
+    assert (bias is None) == (name == "tiny-llama")
+    saved = None if bias is None else bias.detach().clone()
+    try:
+        if bias is not None:
+            with torch.no_grad():
+                bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(1)))
+        _apply_and_restore(bundle, rome, [case])
+        v0, k_bare = rome.history[-1].v0.double(), _bare_key(bundle, rome.layer, case)
+        assert _rel(v0, _mlp_out_at_bare(bundle, rome.layer, case)) < 1e-5
+        plain = _w(bundle, rome.layer) @ k_bare
+        if bias is not None:
+            assert _rel(v0, plain + bias.double()) < 1e-5
+            assert _rel(v0, plain) > 1e-1  # W k alone would be another v0
+        else:
+            assert _rel(v0, plain) < 1e-5
+    finally:
+        if saved is not None:
+            with torch.no_grad():
+                bias.copy_(saved)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_grouped_keys_against_independent_computation(models, corpus_file: Path, name: str) -> None:
+    """MEMIT's keys: the mean within the bare group and each prefix-length group, then over the groups
+    (memit compute_ks.py), from plain hooks; not the flat mean over all prefixes."""
+    bundle, case = models[name], CASES[3]
+    params = [[5, 2], [10, 3]]
+    memit = get_editor("memit")(bundle, _hparams("memit", bundle, corpus_file, context_template_length_params=params))
+    prefixes = memit.prefixes()
+    assert len(prefixes) == 6
+    rows = _prefixed_keys(bundle, 1, case, prefixes)
+    expected = (rows[0] + rows[1:3].mean(0) + rows[3:6].mean(0)) / 3
+    keys, _ = memit.keys([case], [1])
+    assert _rel(keys[1][0], expected) < 1e-5
+    assert _rel(keys[1][0], rows.mean(0)) > 1e-3  # the flat mean is a different key
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_memit_batch_of_one_is_sherman_morrison(models, corpus_file: Path, name: str) -> None:
+    """One layer, one request: ΔW = δ kᵀ(λC + kkᵀ)⁻¹ = δ (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), with k the grouped key from
+    plain hooks and δ the one ROME finds at the same layer (decay and clamp off: their reference norms differ)."""
     bundle, case = models[name], CASES[1]
     same = {"v_weight_decay": 0.0, "clamp_norm_factor": 1e6, "context_template_length_params": [[10, 5]]}
     rome = get_editor("rome")(bundle, _hparams("rome", bundle, corpus_file, **same))
     layer = rome.layer
-    d_rome = _apply_and_restore(bundle, rome, [case])[layer]
-    k = rome.history[-1].key.double()
+    _apply_and_restore(bundle, rome, [case])
+    delta = rome.history[-1].delta.double()
+    rows = _prefixed_keys(bundle, layer, case, rome.prefixes())
+    k = (rows[0] + rows[1:].mean(0)) / 2
     for weight in (50.0, 1e-9):
         hp = _hparams("memit", bundle, corpus_file, layers=[layer], mom2_update_weight=weight, **same)
         d_memit = _apply_and_restore(bundle, get_editor("memit")(bundle, hp), [case])[layer]
-        q = k @ torch.linalg.solve(_cov(bundle, layer, hp), k)
+        cinv_k = torch.linalg.solve(_cov(bundle, layer, hp), k)
         # 1e-3: both read the keys in float32 from different batches, and C⁻¹ (condition ~1e4) amplifies that
-        assert _rel(d_memit, d_rome * q / (weight + q)) < 1e-3
-    assert _rel(d_memit, d_rome) < 1e-3  # λ → 0: ROME
+        assert _rel(d_memit, torch.outer(delta, cinv_k) / (weight + k @ cinv_k)) < 1e-3
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -204,7 +274,6 @@ def test_alphaedit_spares_preserved_keys(models, corpus_file: Path, name: str) -
     MEMIT's rows ∝ C⁻¹k already favour C's smallest directions, and these C have no spectral gap
     (eigenvalues spread smoothly over ~4 decades), so there is no true null space to hide in."""
     bundle, case = models[name], CASES[2]
-    texts, _ = load_corpus(str(corpus_file))
     hp = _hparams("memit", bundle, corpus_file)
     memit = get_editor("memit")(bundle, hp)
     d_memit = _apply_and_restore(bundle, memit, [case])
@@ -213,7 +282,8 @@ def test_alphaedit_spares_preserved_keys(models, corpus_file: Path, name: str) -
     threshold = float(eig[len(eig) // 20])
     alpha = get_editor("alphaedit")(bundle, _hparams("alphaedit", bundle, corpus_file, nullspace_threshold=threshold))
     d_alpha = _apply_and_restore(bundle, alpha, [case])
-    k0 = _corpus_keys(bundle, layer, texts[: hp["mom2_n_samples"]], hp["mom2_max_len"])
+    k0 = _corpus_keys(bundle, layer, keystats.draw_sample(str(corpus_file), hp["mom2_n_samples"]).texts,
+                      hp["mom2_max_len"])
     assert _rel(k0 @ k0.T / k0.shape[1], _cov(bundle, layer, hp)) < 1e-5  # the same keys as C
     ratio_memit = float((d_memit[layer] @ k0).norm() / d_memit[layer].norm())
     ratio_alpha = float((d_alpha[layer] @ k0).norm() / d_alpha[layer].norm())
@@ -230,7 +300,7 @@ def test_alphaedit_update_formula_and_memory(models, corpus_file: Path) -> None:
     editor = get_editor("alphaedit")(bundle, hp)
     saved = backup(bundle.model, editor.parameters_to_touch(CASES))
     editor.apply(CASES[:2])
-    previous = {layer: editor._previous[layer].clone() for layer in editor.layers}
+    previous = {layer: kk.clone() for layer, kk in editor.preserved_products().items()}
     editor.apply(CASES[2:4])  # second batch on top of the first: sequential editing
     for step in editor.last_steps:
         p, k, r = editor.projector(step.layer), step.keys, step.resid
@@ -275,3 +345,112 @@ def test_bad_hyperparameters(models, corpus_file: Path) -> None:
         get_editor("alphaedit")(bundle, hp).apply(CASES[:1])
     with pytest.raises(EditorError, match="required"):
         get_editor("alphaedit")(bundle, {k: v for k, v in hp.items() if k != "nullspace_threshold"})
+
+
+# --- the shift's loss, by hand -----------------------------------------------------------
+
+def test_weight_decay_term_by_hand() -> None:
+    """rome compute_v.py: v_weight_decay · ‖δ‖ / ‖v0‖² (not ‖δ‖²)."""
+    delta, ref = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([1.0, 2.0, 2.0])
+    assert float(weight_decay_term(delta, ref)) == pytest.approx(5.0 / 9.0)
+
+
+def _shifted_logits(bundle: ModelBundle, layer: int, ids: list[int], at: int, delta: torch.Tensor) -> torch.Tensor:
+    """Final logits [T, V] of one unpadded sequence with δ added to the MLP output at token `at`."""
+    def add(_m, _a, out):
+        out = out.clone()
+        out[0, at] += delta.to(out.dtype)
+        return out
+    handle = bundle.arch.mlp_out_proj(bundle.model, layer).register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            return bundle.model(input_ids=torch.tensor([ids])).logits[0].double()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_shift_loss_and_steps_by_hand(models, name: str) -> None:
+    """The returned total loss equals, recomputed with plain forwards for the returned δ:
+    mean_j (per-token NLL of target_new after prefix_j + prompt) + kl_factor · KL(P_δ ‖ P_0) at the subject's
+    last token of the bare "{s} is a" + v_weight_decay · ‖δ‖/‖v0‖². N steps = N forward passes, N − 1 Adam steps."""
+    bundle, case, layer = models[name], CASES[4], 1
+    tok = bundle.tokenizer
+    prefixes = context_prefixes(bundle, [[5, 2]])
+    fwd = ShiftedForward(bundle, layer, subject_rows(bundle, case, prefixes))
+    ref = fwd.values[0]
+    hp = {"v_num_grad_steps": 4, "v_lr": 0.2, "clamp_norm_factor": 100.0, "kl_factor": 0.5, "v_weight_decay": 0.3,
+          "v_early_stop_loss": -1.0}
+    delta, stats = optimise_shift(fwd, hp, ref)
+    assert float(stats["v_steps"]) == 3
+    target = target_ids(tok, case.target_new)
+    nlls = []
+    for prefix in prefixes:
+        text = prefix + case.prompt.replace("{}", case.subject)
+        at = len(tok(text[: len(prefix) + case.prompt.index("{}") + len(case.subject)]).input_ids) - 1
+        ids = tok(text).input_ids
+        lp = _shifted_logits(bundle, layer, ids + target, at, delta).log_softmax(-1)
+        nlls.append(-sum(float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(target)) / len(target))
+    essence = case.subject + " is a"
+    at = len(tok(case.subject).input_ids) - 1
+    ids = tok(essence).input_ids
+    p_edit = _shifted_logits(bundle, layer, ids, at, delta)[at].log_softmax(-1)
+    p_orig = _shifted_logits(bundle, layer, ids, at, torch.zeros_like(delta))[at].log_softmax(-1)
+    kl = float((p_edit.exp() * (p_edit - p_orig)).sum())
+    expected = sum(nlls) / len(nlls) + 0.5 * kl + 0.3 * float(delta.norm() / ref.norm() ** 2)
+    assert float(stats["v_loss_total"]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert kl > 1e-6  # δ moved the KL row, so the term is tested
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_early_stop_threshold(models, name: str) -> None:
+    """No early stop: N passes and N − 1 steps; a threshold above any finite loss: stop at the first pass."""
+    bundle = models[name]
+    fwd = ShiftedForward(bundle, 1, subject_rows(bundle, CASES[5], context_prefixes(bundle, [[5, 2]])))
+    base = {"v_num_grad_steps": 6, "v_lr": 0.2, "clamp_norm_factor": 100.0}
+    _, full = optimise_shift(fwd, {**base, "v_early_stop_loss": -1.0}, fwd.values[0])
+    _, stopped = optimise_shift(fwd, {**base, "v_early_stop_loss": 1e9}, fwd.values[0])
+    assert float(full["v_steps"]) == 5 and float(stopped["v_steps"]) == 0
+    with pytest.raises(EditorError, match="v_num_grad_steps"):
+        optimise_shift(fwd, {**base, "v_num_grad_steps": 0}, fwd.values[0])
+
+
+# --- emmet's epsilon, alphaedit's memory after a rollback ---------------------------------
+
+def test_emmet_epsilon_only_for_batches() -> None:
+    """emmet_main.py: D + εI only when D is larger than 1x1."""
+    gen = torch.Generator().manual_seed(3)
+    c = torch.eye(6, dtype=torch.float64) + 0.1 * torch.ones(6, 6, dtype=torch.float64)
+    k1, r1 = torch.randn(6, 1, generator=gen, dtype=torch.float64), torch.randn(4, 1, generator=gen, dtype=torch.float64)
+    one = emmet_update(k1, r1, c, 1.0, 0.0, 5.0)
+    assert _rel(one @ k1, r1) < 1e-10  # no ε: the constraint holds exactly
+    k2, r2 = torch.randn(6, 2, generator=gen, dtype=torch.float64), torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    two = emmet_update(k2, r2, c, 1.0, 0.0, 5.0)
+    cinv = torch.linalg.inv(c)
+    expected = r2 @ torch.linalg.inv(k2.T @ cinv @ k2 + 5.0 * torch.eye(2, dtype=torch.float64)) @ k2.T @ cinv
+    assert _rel(two, expected) < 1e-10 and _rel(two @ k2, r2) > 1e-3
+
+
+def test_alphaedit_drops_keys_of_a_rolled_back_batch(models, corpus_file: Path, monkeypatch) -> None:
+    """A sequential batch whose weights the run rolls back (here: its update is NaN) leaves K_p as it was;
+    a batch that stays is added."""
+    import editors.alphaedit as alphaedit_module
+    bundle = models["tiny-gpt2"]
+    editor = get_editor("alphaedit")(bundle, _hparams("alphaedit", bundle, corpus_file))
+    saved = backup(bundle.model, editor.parameters_to_touch(CASES))
+    try:
+        editor.apply(CASES[:1])  # stays in the model
+        kept = {layer: kk.clone() for layer, kk in editor.preserved_products().items()}
+        assert all(float(kk.norm()) > 0 for kk in kept.values())
+        before_bad = backup(bundle.model, editor.parameters_to_touch(CASES))
+        real = alphaedit_module.alphaedit_update
+        monkeypatch.setattr(alphaedit_module, "alphaedit_update", lambda *a: real(*a) * float("nan"))
+        editor.apply(CASES[1:2])  # NaN weights: the run restores them
+        restore(bundle.model, before_bad)
+        monkeypatch.setattr(alphaedit_module, "alphaedit_update", real)
+        after = editor.preserved_products()
+        assert all(torch.equal(after[layer], kept[layer]) for layer in kept)
+    finally:
+        restore(bundle.model, saved)
+        editor.undo()
+    assert not editor.preserved_products()

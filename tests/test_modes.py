@@ -300,18 +300,21 @@ def test_heldout_texts_come_from_the_end(monkeypatch):
         heldout_texts(0)
     with pytest.raises(ValueError):
         heldout_texts(101)
-    assert not overlaps_keystats(32, 1000, 10033) and overlaps_keystats(32, 100000, 10033)
-    assert not overlaps_keystats(32, 10001, 10033) and overlaps_keystats(33, 10001, 10033)
+    # the key-statistics sample never draws the corpus's last 1,000 texts (editors/keystats.py HELDOUT_TAIL)
+    assert not overlaps_keystats(32, 100000, 10033) and not overlaps_keystats(1000, 100000, 10033)
+    assert overlaps_keystats(1001, 10, 10033) and not overlaps_keystats(1001, 0, 10033)
 
 
 def test_heldout_texts_disjoint_from_key_statistics_texts():
     if not (cache_dir() / "corpora" / "wiki-offline" / "summaries_en-us.json").exists():
         pytest.skip("the offline Wikipedia corpus is not in the cache (fetched on first use by a run)")
     from bench.corpus import load_corpus
-    from editors.keystats import DEFAULT_N_SAMPLES
+    from editors.keystats import draw_sample
 
     held_out = heldout_texts(32)
-    assert len(held_out) == 32 and not set(held_out) & set(load_corpus("wikipedia")[0][:DEFAULT_N_SAMPLES])
+    everything = draw_sample("wikipedia", 100000).texts  # the largest sample: all sampleable texts
+    assert len(held_out) == 32 and not set(held_out) & set(everything)
+    assert len(everything) == len(load_corpus("wikipedia")[0]) - 1000
 
 
 def test_run_case_records_ppl_pre_and_post(tiny_model, tmp_path, monkeypatch):
