@@ -4,14 +4,12 @@ EasyEdit files are recognised by their `alg_name` key. `from_easyedit` turns one
 what `--hparams FILE` does with such a file); `to_easyedit` builds the fields of EasyEdit's hparams
 dataclass from ours (what the `easyedit:*` reference editors hand to EasyEdit). Key by key:
 
-- Same name, same meaning, passed through: layers, fact_token, v_lr, v_loss_layer, clamp_norm_factor,
-  kl_factor, mom2_adjustment, mom2_dataset, mom2_n_samples, mom2_dtype, mom2_update_weight,
-  layer_selection, context_template_length_params (ROME/MEMIT); layers, lr, num_steps, weight_decay,
-  norm_constraint, batch_size (FT); steps, batch_size, adaptive_threshold, p, refine (KN).
-- `v_num_grad_steps` (ROME, MEMIT): EasyEdit counts forward passes and its last pass takes no Adam
-  step; ours counts Adam steps. EasyEdit N ↔ ours N − 1, so the same file means the same optimisation.
-- `v_weight_decay`: same name and number, different form: EasyEdit ‖δ‖/‖v0‖², ours ‖δ‖²/‖v0‖²
-  (editors/rome.py). No exact conversion exists, so the number is kept.
+- Same name, same meaning, passed through: layers, fact_token, v_num_grad_steps (forward passes, the
+  last one without an Adam step, on both sides), v_lr, v_loss_layer, v_weight_decay (‖δ‖/‖v0‖² on both
+  sides), clamp_norm_factor, kl_factor, mom2_adjustment, mom2_dataset, mom2_n_samples, mom2_dtype,
+  mom2_update_weight, layer_selection, context_template_length_params (ROME/MEMIT); layers, lr,
+  num_steps, weight_decay, norm_constraint, batch_size (FT); steps, batch_size, adaptive_threshold, p,
+  refine (KN).
 - `mom2_adjustment`: kept. EasyEdit's gpt2-xl ROME file has shipped it as false at times, while the ROME
   paper (and our default) uses the covariance; a false value is kept and logged as a warning.
 - `mom2_dataset`: the name is kept; our "wikipedia" is the offline corpus of bench/corpus.py, not the
@@ -61,9 +59,6 @@ FAMILY_TEMPLATES = {
 }
 INPUT_EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
 
-STEP_KEYS = {"ROME": "v_num_grad_steps", "MEMIT": "v_num_grad_steps"}
-
-
 def method_of(editor: str) -> str:
     """'easyedit:rome' -> 'rome'; native names unchanged."""
     return editor.split(":")[-1]
@@ -103,9 +98,6 @@ def from_easyedit(data: dict[str, Any], editor: str, family: str, source: str) -
     runner = {k: data[k] for k in (*RUNNER_KEYS, *UNUSED_KEYS.get(alg, ())) if k in data}
     skipped = set(TEMPLATE_KEYS) | set(RUNNER_KEYS) | set(UNUSED_KEYS.get(alg, ()))
     ours = {k: _number(v) for k, v in data.items() if k not in skipped}
-    step_key = STEP_KEYS.get(alg)
-    if step_key in ours:
-        ours[step_key] = max(int(ours[step_key]) - 1, 0)
     if alg == "KN":
         ours.update(KN_FIXED_LAMBDAS)
     if ours.get("mom2_adjustment") is False:
@@ -147,7 +139,7 @@ def to_easyedit(alg: str, hparams: dict[str, Any], *, family: str, n_layers: int
         loss_layer = int(hparams.get("v_loss_layer", -1))
         fields = dict(
             layers=[int(x) for x in hparams["layers"]], fact_token=hparams.get("fact_token", "subject_last"),
-            v_num_grad_steps=int(hparams.get("v_num_grad_steps", 20)) + 1, v_lr=float(hparams.get("v_lr", 0.5)),
+            v_num_grad_steps=int(hparams.get("v_num_grad_steps", 20)), v_lr=float(hparams.get("v_lr", 0.5)),
             v_loss_layer=n_layers - 1 if loss_layer < 0 else loss_layer,
             v_weight_decay=float(hparams.get("v_weight_decay", 0.5)),
             clamp_norm_factor=float(hparams.get("clamp_norm_factor", 4.0)),

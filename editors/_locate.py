@@ -94,8 +94,9 @@ def context_prefixes(bundle: ModelBundle, length_params: list[list[int]] | None 
 
 
 def prefix_groups(length_params: list[list[int]] | None = None) -> list[int]:
-    """Sizes of the prefix groups in `context_prefixes` order: the bare prompt, then one per (length, n)."""
-    return [1] + [int(n) for _length, n in (length_params or DEFAULT_LENGTH_PARAMS)]
+    """Sizes of the prefix groups in `context_prefixes` order: the bare prompt, then one per (length, n)
+    with n > 0 (an empty group has no mean)."""
+    return [1] + [int(n) for _length, n in (length_params or DEFAULT_LENGTH_PARAMS) if int(n) > 0]
 
 
 def grouped_mean(rows: torch.Tensor, groups: list[int]) -> torch.Tensor:

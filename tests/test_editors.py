@@ -115,10 +115,10 @@ def test_key_sample_is_seeded_random_and_recorded(cache: Path, corpus_file: Path
     assert set(other.texts) != set(sample.texts) and other.record["texts_sha256"] != digest
 
     bundle = load_model("tiny-gpt2", "cpu")
+    first = keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, seed=1)
     before = set((cache / "stats").rglob("*.pt"))
-    keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, seed=1)
-    keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, seed=2)
-    assert len(set((cache / "stats").rglob("*.pt")) - before) == 2
+    second = keystats.second_moment(bundle, 1, str(corpus_file), n_samples=12, max_len=32, seed=2)
+    assert len(set((cache / "stats").rglob("*.pt")) - before) == 1 and not torch.equal(first, second)
 
     monkeypatch.setattr(keystats, "HELDOUT_TAIL", {str(corpus_file): 10})
     monkeypatch.setattr(keystats, "_SAMPLES", {})
