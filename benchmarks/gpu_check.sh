@@ -50,8 +50,6 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
     for editor in rome r-rome alphaedit memit; do
       run "seq-$editor" --editor $editor --no-circuits --sequential --eval-every 10 --output /tmp/runs/seq
     done
-    run seq-rome-original --editor r-rome --hparams benchmarks/hparams/rome-original-smollm2-135m.yaml \
-      --no-circuits --sequential --eval-every 10 --output /tmp/runs/seq-original
     run circuits-rome --editor rome --output /tmp/runs/circuits
     timeout "$left" python3 -m pytest -q --device cuda -m slow -p no:cacheprovider > /tmp/logs/tests-cuda-slow.log 2>&1 &
     wait
