@@ -38,11 +38,12 @@ from editors._locate import (  # noqa: F401  (fill_subject, subject_last_index: 
     ShiftedForward,
     context_prefixes,
     fill_subject,
+    key_sample_args,
     optimise_shift,
+    record_key_sample,
     subject_last_index,
     subject_rows,
 )
-from editors._locate import key_sample_args, record_key_sample
 from editors.base import EditOutcome, Editor, EditorError, register
 from editors.keystats import second_moment
 

@@ -208,9 +208,7 @@ def test_ft_default_template_also_tunes_the_bias(cache: Path) -> None:
 @needs_easyedit
 @pytest.mark.parametrize("name", TINY)
 def test_memit_matches_native_on_the_bare_prompt(cache: Path, corpus_file: Path, name: str) -> None:
-    """Two cases in one batch over the tiny YAML's two layers. Bare prompt only: with prefixes, EasyEdit
-    averages the keys per context group and then over the groups (½(k_bare + mean of prefixed keys)),
-    ours over all prefixed prompts at once (memit.py, eq. 19)."""
+    """Two cases in one batch over the tiny YAML's two layers, the bare prompt as the only context."""
     bundle = load_model(name, "cpu")
     hp = _locate_hparams("memit", bundle, corpus_file, context_template_length_params=BARE_PROMPT_ONLY)
     names = [bundle.arch.mlp_out_weight_name(layer) for layer in hp["layers"]]
@@ -218,6 +216,19 @@ def test_memit_matches_native_on_the_bare_prompt(cache: Path, corpus_file: Path,
     reference, _ = _deltas("easyedit:memit", bundle, hp, [CASE, CASE2], names)
     for n in names:
         assert native[n].norm() > 0
+        assert _relative(reference[n], native[n]) <= TOLERANCE, n
+
+
+@needs_easyedit
+@pytest.mark.parametrize("name", TINY)
+def test_memit_matches_native_with_prefixes(cache: Path, corpus_file: Path, name: str) -> None:
+    """With context prefixes both average the keys within each context group, then over the groups."""
+    bundle = load_model(name, "cpu")
+    hp = _locate_hparams("memit", bundle, corpus_file)
+    names = [bundle.arch.mlp_out_weight_name(layer) for layer in hp["layers"]]
+    native, _ = _deltas("memit", bundle, hp, [CASE, CASE2], names)
+    reference, _ = _deltas("easyedit:memit", bundle, hp, [CASE, CASE2], names)
+    for n in names:
         assert _relative(reference[n], native[n]) <= TOLERANCE, n
 
 
