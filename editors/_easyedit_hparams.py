@@ -47,7 +47,7 @@ TEMPLATE_KEYS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "at
 RUNNER_KEYS = ("alg_name", "model_name", "device", "stats_dir", "model_parallel", "max_length", "results_dir",
                "objective_optimization")
 UNUSED_KEYS = {"KN": ("n_toks", "lr_scale"), "FT": ("kl_factor",)}
-KN_FIXED_LAMBDAS = dict(lambda_true=2.0, lambda_new=1.0)  # what the snapshot's modify_weights does
+KN_FIXED_LAMBDAS = dict(lambda_true=2.0, lambda_new=1.0, erase_token="prediction")  # what the snapshot's modify_weights does
 
 FAMILY_TEMPLATES = {
     "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}",

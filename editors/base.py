@@ -41,10 +41,17 @@ class Editor:
 
     name: ClassVar[str] = ""
     batched: ClassVar[bool] = False  # True: apply() takes a whole --batch-size batch in one update
+    # the hyperparameters the editor reads, with the value it uses when the file omits one (`bench hparams`);
+    # empty: not declared
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         self.bundle = bundle
         self.hparams = hparams
+
+    def setting(self, key: str) -> Any:
+        """A hyperparameter: the file's value, else the declared default."""
+        return self.hparams.get(key, self.DEFAULTS[key])
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
         """Names (as in model.named_parameters) of every tensor `apply` may modify, for backup and restore."""

@@ -72,8 +72,7 @@ def norm_radius(editor: str, value: Any) -> float | None:
     return float(value)
 
 
-def positive_int(editor: str, hparams: dict[str, Any], key: str, default: int) -> int:
-    value = hparams.get(key, default)
+def positive_int(editor: str, value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise EditorError(f"{editor}: {key} must be an integer >= 1; got {value!r}")
     return value
@@ -83,16 +82,16 @@ Loss = Callable[[torch.nn.Module, TargetBatch], torch.Tensor]
 
 
 def finetune(model: torch.nn.Module, weights: list[torch.Tensor], batches: list[TargetBatch], sizes: list[int],
-             loss_fn: Loss, hparams: dict[str, Any], radius: float | None, threshold: float) -> list[float]:
+             loss_fn: Loss, steps: int, lr: float, weight_decay: float, radius: float | None,
+             threshold: float) -> list[float]:
     """ROME's/EasyEdit's FT loop; returns the epochs' mean chunk losses (before each chunk's step)."""
     originals = [w.detach().clone() for w in weights]
-    opt = torch.optim.Adam(weights, lr=float(hparams.get("lr", 5e-4)),
-                           weight_decay=float(hparams.get("weight_decay", 0.0)))
+    opt = torch.optim.Adam(weights, lr=lr, weight_decay=weight_decay)
     for w in weights:
         w.requires_grad_(True)
     epoch_losses: list[float] = []
     try:
-        for _epoch in range(int(hparams.get("num_steps", 25))):
+        for _epoch in range(steps):
             losses = []
             for batch in batches:
                 opt.zero_grad()
@@ -119,22 +118,23 @@ class FineTuneBase(Editor):
     """Shared by FT-L and FT-M: parameters, chunking, the loop and its statistics."""
 
     loss_fn: Callable[..., torch.Tensor]
-    train_bias_default = True
+    DEFAULTS = {"layers": [], "num_steps": 25, "lr": 5e-4, "weight_decay": 0, "norm_constraint": False,
+                "batch_size": 128, "train_bias": True, "early_stop_loss": EARLY_STOP_LOSS}
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        layers = hparams.get("layers", [])
+        layers = self.setting("layers")
         if not isinstance(layers, list) or not layers:
             raise EditorError(f"{self.name}: hparams need a non-empty `layers` list")
         n = bundle.arch.n_layers
         self.layers = [int(layer) for layer in layers]
         if any(not 0 <= layer < n for layer in self.layers):
             raise EditorError(f"{self.name}: layers must lie in 0..{n - 1}; got {layers}")
-        self.radius = norm_radius(self.name, hparams.get("norm_constraint", False))
-        self.batch_size = positive_int(self.name, hparams, "batch_size", 128)
-        positive_int(self.name, hparams, "num_steps", 25)
-        self.train_bias = bool(hparams.get("train_bias", self.train_bias_default))
-        self.threshold = float(hparams.get("early_stop_loss", EARLY_STOP_LOSS))
+        self.radius = norm_radius(self.name, self.setting("norm_constraint"))
+        self.batch_size = positive_int(self.name, self.setting("batch_size"), "batch_size")
+        self.steps = positive_int(self.name, self.setting("num_steps"), "num_steps")
+        self.train_bias = bool(self.setting("train_bias"))
+        self.threshold = float(self.setting("early_stop_loss"))
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
         return rewrite_parameter_names(self.bundle.arch.family, self.layers, self.train_bias)
@@ -147,8 +147,8 @@ class FineTuneBase(Editor):
         batches = [build_batch(bundle.tokenizer, [c.rewrite_prompt for c in chunk], [c.target_new for c in chunk],
                                bundle.device) for chunk in chunks]
         sizes = [len(chunk) for chunk in chunks]
-        epochs = finetune(bundle.model, weights, batches, sizes, type(self).loss_fn, self.hparams, self.radius,
-                          self.threshold)
+        epochs = finetune(bundle.model, weights, batches, sizes, type(self).loss_fn, self.steps,
+                          float(self.setting("lr")), float(self.setting("weight_decay")), self.radius, self.threshold)
         with torch.no_grad():
             final = sum(float(type(self).loss_fn(bundle.model, b)) * n for b, n in zip(batches, sizes)) / len(cases)
             change = max(float((w - w0).abs().max()) for w, w0 in zip(weights, originals))
@@ -163,12 +163,13 @@ class FineTuneL(FineTuneBase):
 
     batched = True
     loss_fn = staticmethod(prompt_last_nll)
+    DEFAULTS = {**FineTuneBase.DEFAULTS, "objective_optimization": "prompt_last", "kl_factor": 0}
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        objective = hparams.get("objective_optimization", "prompt_last")
+        objective = self.setting("objective_optimization")
         if objective != "prompt_last":
             raise EditorError(f"ft-l: objective_optimization must be 'prompt_last' (FT-L); got {objective!r}; "
                               f"the teacher-forced objective is ft-m")
-        if float(hparams.get("kl_factor", 0) or 0) != 0:
+        if float(self.setting("kl_factor") or 0) != 0:
             raise EditorError("ft-l: kl_factor must be 0 (ROME's ft_main.py reads but never applies it)")

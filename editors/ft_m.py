@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from editors.base import EditorError, register
-from editors.ft import FineTuneBase, positive_int, target_nll
+from editors.ft import FineTuneBase, target_nll
 
 if TYPE_CHECKING:
     from bench.models import ModelBundle
@@ -42,10 +42,10 @@ class FineTuneM(FineTuneBase):
     """FT-M (EasyEdit): fine-tune one MLP output projection, loss on the target tokens only."""
 
     loss_fn = staticmethod(target_nll)
+    DEFAULTS = {**FineTuneBase.DEFAULTS, "batch_size": 1, "objective_optimization": "target_new"}
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
-        super().__init__(bundle, {"batch_size": 1, **hparams})
-        objective = hparams.get("objective_optimization", "target_new")
+        super().__init__(bundle, hparams)
+        objective = self.setting("objective_optimization")
         if objective != "target_new":
             raise EditorError(f"ft-m: objective_optimization must be 'target_new' (FT-M); got {objective!r}")
-        positive_int("ft-m", hparams, "batch_size", 1)

@@ -106,16 +106,19 @@ def original_module(module: torch.nn.Module) -> torch.nn.Module:
 class Grace(Editor):
     """GRACE (Hartvigsen et al. 2023): key-value codebook with deferral radii at one MLP; no weight change."""
 
+    DEFAULTS = {"layers": [], "replacement": "replace_last", "val_init": "warm", "eps": 1.0, "edit_lr": 1.0,
+                "n_iter": 50, "early_stop_nll": 1e-2, "seed": 0}
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        layers = hparams.get("layers", [])
+        layers = self.setting("layers")
         if len(layers) != 1:
             raise EditorError(f"grace adapts exactly one layer; got layers={layers}")
-        if hparams.get("replacement", "replace_last") != "replace_last":
+        if self.setting("replacement") != "replace_last":
             raise EditorError("grace: only replacement 'replace_last' is implemented")
-        if hparams.get("val_init", "warm") not in ("warm", "cold"):
+        if self.setting("val_init") not in ("warm", "cold"):
             raise EditorError("grace: val_init must be 'warm' or 'cold'")
-        if float(hparams.get("eps", 1.0)) <= 0:
+        if float(self.setting("eps")) <= 0:
             raise EditorError("grace: eps must be positive")
         self.layer = int(layers[0])
         self.codebook: Codebook | None = None
@@ -178,8 +181,8 @@ class Grace(Editor):
     def _train_value(self, batch: TargetBatch, init: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         hp = self.hparams
         value = init.clone().requires_grad_(True)
-        opt = torch.optim.Adam([value], lr=float(hp.get("edit_lr", 1.0)))
-        steps, threshold = int(hp.get("n_iter", 50)), float(hp.get("early_stop_nll", 1e-2))
+        opt = torch.optim.Adam([value], lr=float(self.setting("edit_lr")))
+        steps, threshold = int(self.setting("n_iter")), float(self.setting("early_stop_nll"))
         rows = torch.zeros(1, dtype=torch.long, device=self.bundle.device)
         self._forced = (rows, batch.last_prompt_pos[:1], value)
         try:
@@ -199,14 +202,14 @@ class Grace(Editor):
     def edit_one(self, case: EditCase) -> dict[str, float]:
         batch = build_batch(self.bundle.tokenizer, [case.rewrite_prompt], [case.target_new], self.bundle.device)
         key, original_out = self._key_and_output(batch)
-        if self.hparams.get("val_init", "warm") == "warm":
+        if self.setting("val_init") == "warm":
             init = original_out
         else:
-            generator = torch.Generator(device="cpu").manual_seed(int(self.hparams.get("seed", 0)))
+            generator = torch.Generator(device="cpu").manual_seed(int(self.setting("seed")))
             init = torch.rand(original_out.shape, generator=generator).to(original_out.device)
         value, stats = self._train_value(batch, init)
         assert self.codebook is not None
-        action = self.codebook.insert(key, value, case.target_new, float(self.hparams.get("eps", 1.0)))
+        action = self.codebook.insert(key, value, case.target_new, float(self.setting("eps")))
         stats.update({"key_norm": float(key.norm()), "value_shift": float((value - original_out).norm()),
                       "added": float(action == "added"), "expanded": float(action == "expanded"),
                       "split": float(action == "split")})

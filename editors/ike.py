@@ -128,12 +128,14 @@ class Pool:
 class InContextEditor(Editor):
     """IKE (Zheng et al. 2023): k retrieved demonstrations of other facts before every prompt; no weight change."""
 
+    DEFAULTS = {"k": 16, "retrieval": "tfidf"}
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        self.k = hparams.get("k", 16)
+        self.k = self.setting("k")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise EditorError(f"ike: k must be an integer >= 0; got {self.k!r}")
-        self.retrieval = hparams.get("retrieval", "tfidf")
+        self.retrieval = self.setting("retrieval")
         if self.retrieval not in RETRIEVALS:
             raise EditorError(f"ike: retrieval must be one of {', '.join(RETRIEVALS)}; got {self.retrieval!r}")
         self.pool = Pool.build([])

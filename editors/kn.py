@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from bench.models import ModelBundle
 
 
+ERASE_TOKENS = ("target_true", "prediction")
+
+
 # --- pure functions ------------------------------------------------------------------
 
 def integrated_gradients(f: Callable[[torch.Tensor], torch.Tensor], activation: torch.Tensor, steps: int,
@@ -79,18 +82,25 @@ def refine(per_prompt: list[set[tuple[int, int]]], p: float) -> list[tuple[int, 
 class KnowledgeNeurons(Editor):
     """Knowledge Neurons (Dai et al. 2022): IG attribution to MLP neurons, then their value slots edited."""
 
+    # layers None: every layer; batch_size None: = steps
+    DEFAULTS = {"layers": None, "steps": 20, "batch_size": None, "adaptive_threshold": 0.2, "p": 0.5,
+                "lambda_true": 1.0, "lambda_new": 8.0, "erase_token": "target_true", "refine": True}
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         n = bundle.arch.n_layers
-        self.layers = [int(x) for x in hparams.get("layers", range(n))]
+        layers = self.setting("layers")
+        self.layers = [int(x) for x in (range(n) if layers is None else layers)]
         if not self.layers or any(not 0 <= x < n for x in self.layers):
             raise EditorError(f"kn: layers must be a non-empty list of layers in 0..{n - 1}")
-        self.steps = int(hparams.get("steps", 20))
-        self.batch_size = int(hparams.get("batch_size", self.steps))
-        self.threshold = float(hparams.get("adaptive_threshold", 0.2))
-        self.p = float(hparams.get("p", 0.5))
+        self.steps = int(self.setting("steps"))
+        self.batch_size = int(self.setting("batch_size") or self.steps)
+        self.threshold = float(self.setting("adaptive_threshold"))
+        self.p = float(self.setting("p"))
         if self.steps < 1 or self.batch_size < 1 or not 0 < self.threshold < 1 or not 0 < self.p <= 1:
             raise EditorError("kn: need steps >= 1, batch_size >= 1, 0 < adaptive_threshold < 1, 0 < p <= 1")
+        if self.setting("erase_token") not in ERASE_TOKENS:
+            raise EditorError(f"kn: erase_token must be one of {', '.join(ERASE_TOKENS)}")
         self.last_neurons: list[tuple[int, int]] = []
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
@@ -144,17 +154,25 @@ class KnowledgeNeurons(Editor):
     def knowledge_neurons(self, case: EditCase) -> list[tuple[int, int]]:
         """(layer, neuron) pairs, refined over the rewrite prompt and the paraphrases."""
         answer = target_ids(self.bundle.tokenizer, case.target_true)[0]
-        per_prompt = [coarse_neurons(self.attribution(prompt, answer), self.threshold)
-                      for prompt in (case.rewrite_prompt, *case.paraphrases)]
+        prompts = (case.rewrite_prompt, *case.paraphrases) if self.setting("refine") else (case.rewrite_prompt,)
+        per_prompt = [coarse_neurons(self.attribution(prompt, answer), self.threshold) for prompt in prompts]
         return [(self.layers[row], neuron) for row, neuron in refine(per_prompt, self.p)]
+
+    @torch.no_grad()
+    def erased_token(self, case: EditCase) -> int:
+        """The token whose embedding is subtracted: target_true's first (paper) or the model's top-1 (EasyEdit)."""
+        if self.setting("erase_token") == "target_true":
+            return target_ids(self.bundle.tokenizer, case.target_true)[0]
+        ids = torch.tensor([prompt_ids(self.bundle.tokenizer, case.rewrite_prompt)], device=self.bundle.device)
+        return int(self.bundle.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
 
     # -- the edit --
     @torch.no_grad()
     def update_values(self, neurons: list[tuple[int, int]], true_token: int, new_token: int) -> None:
         """FFN(val)_i ← FFN(val)_i − λ₁·e(true) + λ₂·e(new) for every neuron (paper §5.1)."""
         emb = self.bundle.model.get_output_embeddings().weight
-        shift = (float(self.hparams.get("lambda_new", 8.0)) * emb[new_token].float()
-                 - float(self.hparams.get("lambda_true", 1.0)) * emb[true_token].float())
+        shift = (float(self.setting("lambda_new")) * emb[new_token].float()
+                 - float(self.setting("lambda_true")) * emb[true_token].float())
         for layer, neuron in neurons:
             w = self.bundle.arch.mlp_out_matrix(self.bundle.model, layer)  # [d_model, d_mlp] view
             w[:, neuron] += shift.to(w.dtype)
@@ -165,7 +183,7 @@ class KnowledgeNeurons(Editor):
         counts = []
         for case in cases:
             neurons = self.knowledge_neurons(case)
-            self.update_values(neurons, target_ids(tok, case.target_true)[0], target_ids(tok, case.target_new)[0])
+            self.update_values(neurons, self.erased_token(case), target_ids(tok, case.target_new)[0])
             self.last_neurons = neurons
             edited_layers.update(layer for layer, _ in neurons)
             counts.append(len(neurons))
