@@ -160,6 +160,19 @@ def test_es_ps_ns_recomputed_from_a_counterfact_run_folder(tmp_path, monkeypatch
         assert summary[key] == pytest.approx(value, abs=1e-12), key
         assert summary["metrics"][key]["protocol"] == "sequence log-likelihood comparison"
     assert all(len(r["pre"]["rewrite_prompts_nll"]) == 1 for r in records)
+    # every valid record is eligible (no known-fact filter), and the counts are in the summary
+    assert summary["case_selection"] == "every valid record" and summary["n_unknown_skipped"] == 0
+    assert summary["n_loaded"] == 1919 + summary["n_rejected"] and summary["n_selected"] == 4
+    assert (summary["n_cases"], summary["n_failed"]) == (4, 0)
+
+
+def test_known_only_with_nothing_known_is_a_one_line_error(tmp_path, capsys, one_thread):
+    """A random tiny model knows none of the built-in facts: the filter leaves nothing to edit."""
+    code = main(["run", "--editor", "ft-l", "--model", "tiny-gpt2", "--known-only", "--no-circuits", "--ppl-texts", "0",
+                 "--output", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: no case to edit in facts:" in err and "not known to the model" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
 def ok_record(es: float, ps: float, ns: float) -> dict:
