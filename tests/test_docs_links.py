@@ -1,5 +1,7 @@
 """Every relative link (and image) in README.md and docs/*.md points at a file that exists, and every
-`#anchor` names a heading of the target page (GitHub's heading slugs)."""
+`#anchor` names a heading of the target page (GitHub's heading slugs). Repository paths written as inline
+code in the prose (`tests/test_run.py`, `editors/rome.py`) must exist too, so moved files leave no stale
+pointers; paths with placeholders (`<editor>`, `*`, `{}`) are not checked."""
 
 from __future__ import annotations
 
@@ -14,22 +16,29 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 FENCE = re.compile(r"^(```|~~~)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
+# inline code naming a file or folder of this repository by one of its top-level folders
+REPO_PATH = re.compile(r"`((?:bench|editors|circuits|datasets|leaderboard|tests|benchmarks|docs|\.ci)/[\w./-]+)`")
 
 
 def doc_pages(root: Path = REPO_ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def _prose_lines(text: str) -> list[str]:
-    """The page's lines outside fenced code blocks, with inline code spans blanked."""
+def _outside_fences(text: str) -> list[str]:
+    """The page's lines outside fenced code blocks."""
     out, in_fence = [], False
     for line in text.splitlines():
         if FENCE.match(line.lstrip()):
             in_fence = not in_fence
             continue
         if not in_fence:
-            out.append(re.sub(r"`[^`]*`", "``", line))
+            out.append(line)
     return out
+
+
+def _prose_lines(text: str) -> list[str]:
+    """The page's lines outside fenced code blocks, with inline code spans blanked."""
+    return [re.sub(r"`[^`]*`", "``", line) for line in _outside_fences(text)]
 
 
 def heading_slug(heading: str) -> str:
@@ -73,6 +82,13 @@ def broken_links(page: Path) -> list[str]:
     return problems
 
 
+def missing_repo_paths(page: Path, root: Path = REPO_ROOT) -> list[str]:
+    """One line per inline-code repository path of ``page`` (outside fences) that does not exist."""
+    text = "\n".join(_outside_fences(page.read_text(encoding="utf-8")))
+    return [f"{page.name}: names missing path {path!r}" for path in REPO_PATH.findall(text)
+            if not (root / path).exists()]
+
+
 def test_readme_and_docs_pages_exist():
     names = {p.name for p in doc_pages()}
     for page in ("editors.md", "datasets.md", "metrics.md", "circuits.md", "leaderboard.md",
@@ -83,6 +99,20 @@ def test_readme_and_docs_pages_exist():
 @pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.name)
 def test_relative_links_resolve(page: Path):
     assert broken_links(page) == []
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.name)
+def test_repository_paths_in_prose_exist(page: Path):
+    assert missing_repo_paths(page) == []
+
+
+def test_path_checker_finds_missing_paths(tmp_path: Path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "run.py").write_text("", encoding="utf-8")
+    page = tmp_path / "page.md"
+    page.write_text("`bench/run.py` `bench/gone.py` `editors/hparams/<editor>/x.yaml` `runs/abc`\n"
+                    "```\n`tests/in_a_fence.py`\n```\n", encoding="utf-8")
+    assert missing_repo_paths(page, root=tmp_path) == ["page.md: names missing path 'bench/gone.py'"]
 
 
 def test_checker_finds_broken_links(tmp_path: Path):
