@@ -12,12 +12,43 @@ from bench.models import DEFAULT_MODEL
 log = logging.getLogger("bench")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one `error:` line (exit 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog.removeprefix('python -m ')}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# (smallest, largest) allowed value of every numeric option, by its dest; None: unbounded
+NUMERIC_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "n": (1, None), "seed": (0, 2**32 - 1), "top_n": (1, None), "batch_size": (1, None), "eval_every": (1, None),
+    "ppl_texts": (0, None), "known_top_k": (1, None), "validation_fraction": (0.0, 1.0),
+    "max_validation": (1, None), "max_test": (1, None), "random_draws": (1, None), "samples": (1, None),
+    "window": (1, None), "noise_texts": (1, None),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Every numeric option within its range, or one error naming the option and its range."""
+    for dest, value in vars(args).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or dest not in NUMERIC_RANGES:
+            continue
+        low, high = NUMERIC_RANGES[dest]
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+            bounds = (f"between {low} and {high}" if low is not None and high is not None
+                      else f"at least {low}" if low is not None else f"at most {high}")
+            raise ValueError(f"--{dest.replace('_', '-')} must be {bounds}; got {value}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Knowledge-editing benchmark harness")
+    parser = Parser(prog="python -m bench", description="Knowledge-editing benchmark harness")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="edit facts, score them, and find their circuits before and after")
-    run.add_argument("--editor", required=True, help="registered editor name (see `list editors`)")
+    run.add_argument("--editor", default=None, help="registered editor name (see `list editors`); required")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue a killed or interrupted run in RUN_DIR (its manifest gives the configuration)")
     run.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or HF directory (default {DEFAULT_MODEL})")
     run.add_argument("--dataset", default="facts", help="dataset name or path (default: the built-in facts)")
     run.add_argument("--n", type=int, default=None, help="number of cases to edit")
@@ -50,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--output", default=None, help="write the leaderboard here instead of stdout")
     board.add_argument("--format", choices=["md", "json", "csv"], default="md", help="output format (default md)")
     board.add_argument("--plots", default=None, help="also write PNG charts to this folder")
+    board.add_argument("--include-partial", action="store_true",
+                       help="also show interrupted, failed and killed runs, marked partial (default: complete runs only)")
 
     lister = sub.add_parser("list", help="list editors, models or datasets")
     lister.add_argument("what", choices=["editors", "models", "datasets"])
@@ -73,24 +106,59 @@ def plugin_commands() -> dict:
     return found
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from bench.leaderboard import render
-    from bench.run import RunConfig, run
+RUN_DEFAULTS = {"model": DEFAULT_MODEL, "dataset": "facts", "n": None, "seed": 0, "device": "auto",
+                "dtype": "float32", "hparams": None, "top_n": None, "batch_size": 1, "eval_every": None,
+                "ppl_texts": 8}
+
+
+def _run_config(args: argparse.Namespace):
+    from bench.run import RunConfig
     from circuits.circuit import DEFAULT_TOP_N
 
-    if args.n is not None and args.n < 1:
-        raise ValueError("--n must be at least 1")
-    cfg = RunConfig(editor=args.editor, model=args.model, dataset=args.dataset, n=args.n, seed=args.seed,
-                    device=args.device, dtype=args.dtype, output=args.output, hparams=args.hparams,
-                    circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=args.known_only,
-                    batch_size=args.batch_size, sequential=args.sequential, relation_circuits=args.relation_circuits,
-                    eval_every=5 if args.eval_every is None else args.eval_every, ppl_texts=args.ppl_texts)
+    if args.editor is None:
+        raise ValueError("run needs --editor NAME (or --resume RUN_DIR)")
     if args.eval_every is not None and not args.sequential:
         raise ValueError("--eval-every needs --sequential")
-    run_dir, summary = run(cfg)
+    return RunConfig(editor=args.editor, model=args.model, dataset=args.dataset, n=args.n, seed=args.seed,
+                     device=args.device, dtype=args.dtype, output=args.output, hparams=args.hparams,
+                     circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=args.known_only,
+                     batch_size=args.batch_size, sequential=args.sequential, relation_circuits=args.relation_circuits,
+                     eval_every=5 if args.eval_every is None else args.eval_every, ppl_texts=args.ppl_texts)
+
+
+def _given_options(args: argparse.Namespace) -> dict:
+    """The run options set on the command line (not left at their defaults), as RunConfig fields."""
+    given = {key: getattr(args, key) for key, default in RUN_DEFAULTS.items() if getattr(args, key) != default}
+    given.update({"editor": args.editor} if args.editor else {})
+    flags = {"no_circuits": ("circuits", False), "known_only": ("only_known", True), "sequential": ("sequential", True),
+             "relation_circuits": ("relation_circuits", True)}
+    given.update({name: value for flag, (name, value) in flags.items() if getattr(args, flag)})
+    return given
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bench.leaderboard import render
+    from bench.run import run
+
+    if args.resume:
+        from bench.resume import resume_config
+
+        run_dir, summary = run(resume_config(Path(args.resume), _given_options(args)), resume=Path(args.resume))
+    else:
+        run_dir, summary = run(_run_config(args))
     print(f"results: {run_dir}")
+    status = summary.get("status", "complete")
+    if status == "failed":
+        print(f"error: run failed: {summary.get('error')} (run folder {run_dir})", file=sys.stderr)
+        return 1
     print(render([summary]))
-    return 0 if summary["n_cases"] > 0 else 1
+    if status == "interrupted":
+        signal_name = summary.get("signal", "SIGINT")
+        print(f"interrupted by {signal_name}: the summary covers {summary.get('n_cases', 0) + summary.get('n_failed', 0)} "
+              f"of {summary.get('n_planned')} cases (partial); continue with: python -m bench run --resume {run_dir}",
+              file=sys.stderr)
+        return 143 if signal_name == "SIGTERM" else 130
+    return 0
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -138,18 +206,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same cleanup runs; exit 143."""
+
+    signal_name = "SIGTERM"
+
+
 def _interrupt_on_sigterm() -> None:
     """SIGTERM (a CI timeout, `kill`) stops a run like Ctrl-C: the finished cases are summarised."""
     import signal
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the summary short
+        raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        check_ranges(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "run":
         _interrupt_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -162,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signal_name = getattr(exc, "signal_name", "SIGINT")
+        print(f"interrupted by {signal_name}", file=sys.stderr)
+        return 143 if signal_name == "SIGTERM" else 130
 
 
 if __name__ == "__main__":

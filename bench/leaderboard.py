@@ -19,13 +19,14 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from tabulate import tabulate
 
-from bench.results import COLLAPSE_CRITERION, COLLAPSE_PPL_RATIO, FAMILIES, METRICS, read_cases, summarize
+from bench.results import COLLAPSE_CRITERION, COLLAPSE_PPL_RATIO, FAMILIES, METRICS, read_case_lines, read_cases, summarize
 
 # metrics left out of the markdown table (still in JSON and CSV)
 HIDDEN_IN_MARKDOWN = {"paraphrase_magnitude", "neighborhood_magnitude", "seconds_per_circuit"}
@@ -85,10 +86,28 @@ class RunRow:
         return bool((self.manifest.get("config") or {}).get("only_known", False))
 
     @property
+    def status(self) -> str:
+        """complete, interrupted, failed or running (a killed run); older folders: the manifest's state,
+        else complete when the run has a summary and a finish time."""
+        status = self.summary.get("status") or self.manifest.get("status")
+        if status:
+            return str(status)
+        return "complete" if self.manifest.get("finished") and (self.path / "summary.json").exists() else "running"
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def n_attempted(self) -> int:
+        return int(self.summary.get("n_cases") or 0) + int(self.summary.get("n_failed") or 0)
+
+    @property
     def label(self) -> str:
         label = self.editor if self.variant is None else f"{self.editor} [{self.variant}]"
         label = f"{label} [known-only]" if self.known_only else label
-        return label if self.batch_size == 1 else f"{label} (batch {self.batch_size})"
+        label = label if self.batch_size == 1 else f"{label} (batch {self.batch_size})"
+        return label if self.complete else f"{label} (partial: {self.status})"
 
     @property
     def metrics(self) -> dict[str, dict[str, Any]]:
@@ -119,40 +138,95 @@ class RunRow:
                 "seed": self.manifest.get("seed"), "finished": self.manifest.get("finished")}
 
 
+class DamagedRun(ValueError):
+    """A run folder that cannot be read: skipped, with a warning naming it."""
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DamagedRun(f"{path.name} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DamagedRun(f"{path.name} is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _check_fields(name: str, data: dict[str, Any], objects: tuple[str, ...], texts: tuple[str, ...]) -> None:
+    for key in objects:
+        if key in data and not isinstance(data[key], (dict, type(None))):
+            raise DamagedRun(f"{name}: '{key}' is a {type(data[key]).__name__}, not an object")
+    for key in texts:
+        if key in data and not isinstance(data[key], (str, type(None))):
+            raise DamagedRun(f"{name}: '{key}' is a {type(data[key]).__name__}, not a string")
+
+
 def load_run(folder: Path) -> RunRow:
-    manifest_path, cases_path = folder / "manifest.json", folder / "cases.jsonl"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    stored = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
+    """A run folder's manifest, stored summary and recomputed aggregates; DamagedRun when any is unreadable."""
+    manifest_path, summary_path, cases_path = folder / "manifest.json", folder / "summary.json", folder / "cases.jsonl"
+    manifest = _json_object(manifest_path) if manifest_path.exists() else {}
+    _check_fields("manifest.json", manifest, ("model", "dataset", "mode", "cases"), ("editor", "status", "finished"))
+    stored = _json_object(summary_path) if summary_path.exists() else {}
+    _check_fields("summary.json", stored, ("metrics",), ("editor", "model", "dataset", "status"))
     summary = dict(stored)
     if cases_path.exists():
-        summary.update(summarize(read_cases(cases_path)))
+        lines = read_case_lines(cases_path)
+        if lines.bad:
+            raise DamagedRun(f"cases.jsonl {lines.bad[0]}")
+        if lines.torn:
+            warn(f"{folder}: cases.jsonl {lines.torn}: a torn last line, dropped")
+        summary.update(summarize(lines.rows))
     return RunRow(folder.name, folder, summary, manifest)
 
 
+def warn(message: str) -> None:
+    print(f"warning: leaderboard: {message}", file=sys.stderr)
+
+
 def load_runs(runs_dir: Path) -> list[RunRow]:
-    """Every run folder with a summary (finished or interrupted runs)."""
-    return [load_run(path.parent) for path in sorted(runs_dir.glob("*/summary.json"))]
+    """Every run folder (one with a manifest or a summary), in any state; damaged folders are skipped with a
+    warning that names them and what is wrong."""
+    folders = sorted({p.parent for pattern in ("*/summary.json", "*/manifest.json") for p in runs_dir.glob(pattern)})
+    rows = []
+    for folder in folders:
+        try:
+            rows.append(load_run(folder))
+        except (DamagedRun, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            warn(f"skipped {folder}: {exc}")
+    return rows
 
 
 def _latest_per_label(runs: list[RunRow], keep: Callable[[RunRow], bool]) -> dict[tuple[str, str, str], RunRow]:
-    """(model, dataset, label) -> the latest kept run."""
-    latest: dict[tuple[str, str, str], RunRow] = {}
+    """(model, dataset, label) -> the kept run with the most attempted cases, the latest among equals: a
+    smaller run never silently replaces a larger one (a warning says which run was kept)."""
+    chosen: dict[tuple[str, str, str], RunRow] = {}
     for row in sorted(runs, key=lambda r: (r.finished, r.run_id)):
-        if keep(row):
-            latest[(row.model, row.dataset, row.label)] = row
-    return latest
+        if not keep(row):
+            continue
+        key = (row.model, row.dataset, row.label)
+        held = chosen.get(key)
+        if held is not None and row.n_attempted < held.n_attempted:
+            warn(f"kept {held.run_id} ({held.n_attempted} cases) for {row.label} on {row.model} · {row.dataset} "
+                 f"over the newer but smaller {row.run_id} ({row.n_attempted} cases)")
+            continue
+        chosen[key] = row
+    return chosen
 
 
-def latest_rows(runs: list[RunRow]) -> list[RunRow]:
-    """The latest non-sequential run per (model, dataset, label): editor, variant and batch size."""
-    return list(_latest_per_label(runs, lambda row: not row.sequential).values())
+def latest_rows(runs: list[RunRow], include_partial: bool = False) -> list[RunRow]:
+    """The latest non-sequential run per (model, dataset, label): editor, variant and batch size; complete
+    runs only unless include_partial (partial runs then have their own, marked label)."""
+    return list(_latest_per_label(runs, lambda row: not row.sequential and (row.complete or include_partial)).values())
 
 
-def latest_sequential(runs: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
+def latest_sequential(runs: list[RunRow], include_partial: bool = False) -> dict[tuple[str, str], list[RunRow]]:
     """(model, dataset) -> the latest sequential run per label, in label order."""
     out: dict[tuple[str, str], list[RunRow]] = {}
-    has_curve = lambda row: (row.path / "sequential.jsonl").exists()  # noqa: E731
-    for (model, dataset, _), row in sorted(_latest_per_label(runs, has_curve).items()):
+
+    def keep(row: RunRow) -> bool:
+        return (row.path / "sequential.jsonl").exists() and (row.complete or include_partial)
+
+    for (model, dataset, _), row in sorted(_latest_per_label(runs, keep).items()):
         out.setdefault((model, dataset), []).append(row)
     return out
 
@@ -586,18 +660,18 @@ def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]],
 # --- the command ----------------------------------------------------------------------------
 
 def leaderboard(runs_dir: Path, fmt: str = "md", command: str | None = None,
-                charts: dict[tuple[str, str], list[str]] | None = None) -> str:
+                charts: dict[tuple[str, str], list[str]] | None = None, include_partial: bool = False) -> str:
     runs = load_runs(runs_dir)
-    groups = grouped(latest_rows(runs))
+    groups = grouped(latest_rows(runs, include_partial))
     if fmt == "json":
         return to_json(groups, command, summarize([])["interval"])
     if fmt == "csv":
         return to_csv(groups)
-    return to_markdown(groups, command, runs_dir, charts, latest_sequential(runs))
+    return to_markdown(groups, command, runs_dir, charts, latest_sequential(runs, include_partial))
 
 
-def command_line(runs: str, output: str | None, fmt: str, plots: str | None) -> str:
-    parts = ["python -m bench leaderboard", f"--runs {runs}"]
+def command_line(runs: str, output: str | None, fmt: str, plots: str | None, include_partial: bool = False) -> str:
+    parts = ["python -m bench leaderboard", f"--runs {runs}"] + (["--include-partial"] if include_partial else [])
     if fmt != "md":
         parts.append(f"--format {fmt}")
     if output:
@@ -616,14 +690,16 @@ def main(args: Any) -> int:
     if fmt not in ("md", "json", "csv"):
         raise ValueError(f"unknown format '{fmt}'; valid: md, json, csv")
     plots = getattr(args, "plots", None)
+    include_partial = bool(getattr(args, "include_partial", False))
     charts: dict[tuple[str, str], list[str]] = {}
     if plots:
         runs = load_runs(runs_dir)
-        for key, path in write_plots(runs, grouped(latest_rows(runs)), Path(plots)):
+        for key, path in write_plots(runs, grouped(latest_rows(runs, include_partial)), Path(plots)):
             print(f"wrote {path}")
             base = Path(args.output).resolve().parent if args.output else Path.cwd()
             charts.setdefault(key, []).append(os.path.relpath(path.resolve(), base))
-    text = leaderboard(runs_dir, fmt, command_line(args.runs, args.output, fmt, plots), charts)
+    text = leaderboard(runs_dir, fmt, command_line(args.runs, args.output, fmt, plots, include_partial), charts,
+                       include_partial)
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {args.output}")

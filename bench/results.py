@@ -29,12 +29,16 @@ record lacks are skipped, so each metric's n counts the cases that report it.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -227,14 +231,58 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+RUN_STATES = ("running", "interrupted", "failed", "complete")
+
+
+def code_sha256() -> str:
+    """sha256 over the harness's Python sources (bench/, editors/, circuits/): the code version a resume checks."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("bench", "editors", "circuits") for p in (root / package).rglob("*.py")):
+        digest.update(f"{path.relative_to(root)}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class RunLocked(ValueError):
+    """Another process is running in this run folder."""
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the run folder for as long as a process writes into it (freed when it dies)."""
+    handle = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RunLocked(f"{run_dir} is in use by another running process") from None
+    try:
+        yield
+    finally:
+        handle.close()
+
+
 class RunWriter:
-    def __init__(self, run_dir: Path, manifest: dict[str, Any]):
+    """A run folder: manifest.json (with the run's state), cases.jsonl (one line per case) and summary.json.
+
+    The state is "running" from the start, then "complete", "interrupted" or "failed"; summary.json
+    carries the same state and `partial: true` for every state but "complete"."""
+
+    def __init__(self, run_dir: Path, manifest: dict[str, Any], resume: bool = False):
         self.dir = run_dir
-        self.dir.mkdir(parents=True, exist_ok=False)
-        self.manifest = dict(manifest, started=now(), commit=git_commit(), versions=library_versions(),
-                             host=platform.node())
         self.cases_path = self.dir / "cases.jsonl"
-        self.cases_path.touch()
+        if resume:
+            self.manifest = dict(manifest, status="running")
+            self.manifest["resumed"] = [*manifest.get("resumed", []), now()]
+            self.manifest.pop("error", None)
+        else:
+            self.dir.mkdir(parents=True, exist_ok=False)
+            self.manifest = dict(manifest, started=now(), commit=git_commit(), code_sha256=code_sha256(),
+                                 versions=library_versions(), host=platform.node(), status="running")
+            self.cases_path.touch()
+        self._lock = ExitStack()
+        self._lock.enter_context(run_lock(self.dir))
         self.write_manifest()
 
     def write_manifest(self) -> None:
@@ -247,25 +295,82 @@ class RunWriter:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def finish(self, extra: dict[str, Any], status: str = "complete") -> dict[str, Any]:
+    def finish(self, extra: dict[str, Any], status: str = "complete", error: str | None = None) -> dict[str, Any]:
+        if status not in RUN_STATES:
+            raise ValueError(f"unknown run state {status!r}")
         summary = summarize(read_cases(self.cases_path))
         summary.update(editor=self.manifest["editor"], model=self.manifest["model"]["name"],
                        dataset=self.manifest["dataset"]["name"], **extra)
+        summary.update(status=status, partial=status != "complete", n_planned=self.manifest.get("n_planned"))
+        if error:
+            summary["error"] = error
         _atomic_json(self.dir / "summary.json", summary)
         self.manifest.update(finished=now(), status=status)
+        if error:
+            self.manifest["error"] = error
         self.write_manifest()
+        self._lock.close()
         return summary
 
 
 def read_cases(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by an interruption
-                continue
-    return rows
+    """The case records, skipping lines that are not JSON objects (a line cut by an interruption)."""
+    return read_case_lines(path).rows
+
+
+@dataclass
+class CaseLines:
+    """cases.jsonl as read: its object lines, a torn last line if any, and any other bad lines."""
+
+    rows: list[dict[str, Any]]
+    torn: str | None = None  # why the last line is unusable (no newline, or not JSON)
+    bad: list[str] = field(default_factory=list)  # "line N: why", for lines before the last
+    good_bytes: int = 0  # the length of the file up to the end of the last good line
+
+
+def read_case_lines(path: Path) -> CaseLines:
+    data = path.read_bytes()
+    out = CaseLines([])
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    offset = 0
+    for number, raw in enumerate(complete, start=1):
+        offset += len(raw) + 1
+        problem, row = _parse_line(raw)
+        if problem is None:
+            out.rows.append(row)
+            out.good_bytes = offset
+        elif number == len(complete) and not tail.strip():
+            out.torn = f"line {number} {problem}"
+        elif raw.strip():
+            out.bad.append(f"line {number} {problem}")
+    if tail.strip():
+        out.torn = f"line {len(complete) + 1} has no newline ({len(tail)} bytes)"
+    return out
+
+
+def _parse_line(raw: bytes) -> tuple[str | None, Any]:
+    if not raw.strip():
+        return "is empty", None
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "is not valid JSON", None
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not an object", None
+    return None, row
+
+
+def drop_torn_tail(path: Path) -> str | None:
+    """Cuts a torn last line off cases.jsonl; returns what was wrong with it, or None."""
+    lines = read_case_lines(path)
+    if lines.torn is None:
+        return None
+    with open(path, "r+b") as handle:
+        handle.truncate(lines.good_bytes)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return lines.torn
 
 
 def _number(value: Any) -> float | None:

@@ -13,7 +13,12 @@ import logging
 import math
 import os
 import random
+import re
+import secrets
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -27,11 +32,12 @@ from bench.corrupt import circuit_batch
 from bench.arch import parameter
 from bench.cache import FetchError
 from bench.corpus import DEFAULT_CORPUS, CorpusError, wiki_texts
-from bench.data import EditCase, LoadedDataset, load_dataset, validate_case
-from bench.metrics import easyedit_scores, generation_metrics
+from bench.data import DatasetError, EditCase, LoadedDataset, load_dataset, validate_case
+from bench.integrity import IntegrityError, ModelGuard
+from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics
 from bench.models import ModelBundle, load_model
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
-from bench.results import RunWriter
+from bench.results import RunWriter, read_cases
 from bench.scoring import (case_target_nll, counterfact_scores, drift_kl, harmonic_mean, neighborhood_next_token,
                            top1_matches)
 from circuits.circuit import DEFAULT_TOP_N, Circuit, discover, overlap
@@ -41,8 +47,17 @@ from editors.base import EditOutcome, Editor, get_editor, load_hparams
 log = logging.getLogger("bench")
 
 
-class RestoreError(RuntimeError):
+class RestoreError(IntegrityError):
     pass
+
+
+class SystematicFailure(RuntimeError):
+    """The first cases of a run all failed: the cause is the setup, not the cases."""
+
+
+SYSTEMATIC_FAILURES = 5  # the run stops when its first this-many cases all failed
+CASE_PHASES = ("edit", "score", "circuit", "restore")
+CIRCUITS_DIR = str(Path(__file__).resolve().parent.parent / "circuits")
 
 
 @dataclass
@@ -266,38 +281,44 @@ def run_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: 
     is left to the end of the run.
     """
     model = bundle.model
-    befores = [measure_before(bundle, case, pool, cfg) for case in cases]
-    records = [dict(before.record, batch_index=batch_index) for before in befores]
-    for before, record in zip(befores, records):
-        before.record = record
-    held_out = None if keep_edits else heldout_for_ppl(cfg.ppl_texts)
-    if ppl_pre is None:
-        ppl_pre = held_out_perplexity(bundle, held_out)
-    names = touched_parameters(editor, cases)
-    saved = backup(model, names)
+    with case_phase("score"):
+        befores = [measure_before(bundle, case, pool, cfg) for case in cases]
+        records = [dict(before.record, batch_index=batch_index) for before in befores]
+        for before, record in zip(befores, records):
+            before.record = record
+        held_out = None if keep_edits else heldout_for_ppl(cfg.ppl_texts)
+        if ppl_pre is None:
+            ppl_pre = held_out_perplexity(bundle, held_out)
+    with case_phase("edit"):
+        names = touched_parameters(editor, cases)
+        saved = backup(model, names)
     failed = True
     try:
-        for record, (outcome, seconds) in zip(records, apply_edits(editor, cases)):
-            record["seconds_edit"] = seconds
-            record["edit"] = {"layers": outcome.layers, **outcome.stats}
+        with case_phase("edit"):
+            for record, (outcome, seconds) in zip(records, apply_edits(editor, cases)):
+                record["seconds_edit"] = seconds
+                record["edit"] = {"layers": outcome.layers, **outcome.stats}
         if not all_finite(model, names):
             for record in records:
-                record.update(status="failed", reason="the edit produced NaN or inf weights")
+                record.update(status="failed", reason="the edit produced NaN or inf weights", phase="edit",
+                              error={"type": "NonFiniteWeights", "message": "the edit produced NaN or inf weights"})
             return records
-        ppl_post = held_out_perplexity(bundle, held_out)
-        records = [measure_after(bundle, editor, case, before, before.record["edit"]["layers"], pool, cfg,
-                                 circuit_dir) for case, before in zip(cases, befores)]
+        with case_phase("score"):
+            ppl_post = held_out_perplexity(bundle, held_out)
+            records = [measure_after(bundle, editor, case, before, before.record["edit"]["layers"], pool, cfg,
+                                     circuit_dir) for case, before in zip(cases, befores)]
         if held_out is not None:
             for record in records:
                 record.update(ppl_pre=ppl_pre, ppl_post=ppl_post)
         failed = False
         return records
     finally:
-        if not keep_edits:
-            restore(model, saved)
-            editor.undo()
-        elif failed:
-            restore(model, saved)  # roll back this batch only; the earlier edits stay
+        with case_phase("restore"):
+            if not keep_edits:
+                restore(model, saved)
+                editor.undo()
+            elif failed:
+                restore(model, saved)  # roll back this batch only; the earlier edits stay
 
 
 def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str], cfg: RunConfig,
@@ -352,38 +373,52 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
 
 
 def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
-                   writer: RunWriter) -> list[dict[str, Any]]:
+                   writer: RunWriter, guard: ModelGuard | None = None) -> list[dict[str, Any]]:
     """Edits accumulate over the whole run; a curve point goes to sequential.jsonl at 0 edits, after every
-    eval_every edits and at the end. The original weights come back (bitwise-checked) when the run ends."""
+    eval_every edits and at the end. The edited state is checkpointed with every curve point (checkpoint.pt),
+    and a resumed run continues from the last checkpoint. The original weights come back when the run
+    ends, and the whole model is verified against its original."""
+    from bench.resume import resume_sequential, save_checkpoint
+
     curve_path = writer.dir / "sequential.jsonl"
-    curve_path.touch()
     texts = heldout_for_ppl(cfg.curve_ppl_texts)
     originals: dict[str, torch.Tensor] = {}
-    seen: list[tuple[EditCase, bool]] = []
     started = time.perf_counter()
-    points = [curve_point(bundle, editor, seen, texts, started)]
-    _append_jsonl(curve_path, points[-1])
+    state = resume_sequential(writer.dir, bundle.model, editor, {c.case_id: c for c in cases})
+    originals.update(state.originals)
+    seen, points, first_batch = state.seen, state.points, state.batches_done
+    if not points:
+        points.append(curve_point(bundle, editor, seen, texts, started))
+        _append_jsonl(curve_path, points[-1])
     try:
-        with tqdm(total=len(cases), desc=f"{cfg.editor} sequential edits", unit="case") as bar:
+        with tqdm(total=len(cases), initial=len(seen), desc=f"{cfg.editor} sequential edits", unit="case") as bar:
             for index, batch in enumerate(batches(cases, cfg.batch_size)):
-                fresh = [n for n in touched_parameters(editor, batch) if n not in originals]
+                if index < first_batch:
+                    continue
+                seed_batch(cfg.seed, index)
+                fresh = [n for n in declared_names(editor, batch) if n not in originals]
                 originals.update(backup(bundle.model, fresh))
                 for case, record in zip(batch, _safe_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits",
                                                            index, keep_edits=True)):
                     writer.append(record)
                     seen.append((case, record.get("status") == "ok"))
                 bar.update(len(batch))
+                check_systematic(read_cases(writer.cases_path))
                 n_edits = sum(ok for _, ok in seen)
                 if n_edits // cfg.eval_every > points[-1]["n_edits"] // cfg.eval_every:
                     points.append(curve_point(bundle, editor, seen, texts, started))
                     _append_jsonl(curve_path, points[-1])
+                    save_checkpoint(writer.dir, bundle.model, editor, originals, seen, points, index + 1)
         if len(seen) > points[-1]["n_cases"]:
             points.append(curve_point(bundle, editor, seen, texts, started))
             _append_jsonl(curve_path, points[-1])
+        (writer.dir / "checkpoint.pt").unlink(missing_ok=True)
         return points
     finally:
         restore(bundle.model, originals)
         editor.undo()
+        if guard is not None:
+            guard.verify(lambda: set(originals))
 
 
 def batches(cases: list[EditCase], size: int) -> list[list[EditCase]]:
@@ -424,14 +459,83 @@ def ppl_manifest(hparams: dict[str, Any], n_texts: int) -> dict[str, Any]:
 # --- the run ---------------------------------------------------------------------------
 
 def run_id(cfg: RunConfig) -> str:
+    """Time to the second, then what ran, then a random tag: unique under parallel starts."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     model = cfg.model.rstrip("/").split("/")[-1]
     dataset = Path(cfg.dataset).stem if "/" in cfg.dataset or cfg.dataset.endswith(".json") else cfg.dataset
-    name = f"{stamp}-{cfg.editor}-{model}-{dataset}"
+    name = f"{stamp}-{cfg.editor}-{model}-{dataset}-{secrets.token_hex(3)}"
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)  # easyedit:rome, lre:x
 
 
-def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
+def context_length(bundle: ModelBundle) -> int | None:
+    config = bundle.model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    return None
+
+
+def case_texts(case: EditCase) -> list[str]:
+    """Every text the harness feeds the model for a case (prompts with their answers)."""
+    answer = max(case.target_true, case.target_new, key=len)
+    texts = [f"{case.rewrite_prompt} {answer}"] + [f"{p} {answer}" for p in case.paraphrases]
+    texts += [f"{p} {a}" for group in (case.neighborhood, case.portability, case.locality) for p, a in group]
+    return texts + list(case.generation_prompts) + list(case.attribute_prompts) + list(case.reference_texts)
+
+
+def reject_overlong(bundle: ModelBundle, data: LoadedDataset) -> None:
+    """Moves the cases with a text longer than the model's context (less the generated tokens) to rejected."""
+    limit = context_length(bundle)
+    if limit is None:
+        return
+    budget = limit - GENERATION_MAX_NEW_TOKENS
+    kept = []
+    for index, case in enumerate(data.cases):
+        # a byte-level token covers at least one byte: only texts longer than the budget in bytes can overflow
+        long = [t for t in case_texts(case) if len(t.encode()) > budget]
+        longest = max((len(bundle.tokenizer(t).input_ids) for t in long), default=0)
+        if longest > budget:
+            why = (f"record {index}: a prompt is {longest} tokens; {bundle.name} reads at most {limit}, "
+                   f"{GENERATION_MAX_NEW_TOKENS} of them generated")
+            log.warning("loading: case %s rejected: %s", case.case_id, why)
+            data.rejected.append((case.case_id, why))
+        else:
+            kept.append(case)
+    data.cases[:] = kept
+
+
+def why_no_cases(counts: dict[str, Any]) -> str:
+    """One line: why a run has no case to edit."""
+    if counts.get("rejected") and counts["rejected"] >= counts.get("loaded", 0):
+        return f"no case to edit: all {counts['rejected']} records were rejected ({top_reasons(counts)})"
+    if counts.get("unknown_skipped"):
+        return (f"no case to edit: none of the {counts['unknown_skipped']} valid records is known to the model "
+                f"(its top-1 answer is not target_true); drop --known-only to edit them")
+    return "no case to edit: the dataset has no usable record"
+
+
+def top_reasons(counts: dict[str, Any], k: int = 3) -> str:
+    reasons = [str(r).split(": ", 1)[-1] for r in counts.get("rejected_reasons", [])]
+    reasons = [re.sub(r"'[^']*'|\"[^\"]*\"", "…", r) for r in reasons]
+    return "; ".join(f"{n}× {why}" for why, n in Counter(reasons).most_common(k)) or "no reason recorded"
+
+
+def seed_batch(seed: int, batch_index: int) -> None:
+    """Every batch starts from its own seed, so a resumed run draws what the uninterrupted one drew."""
+    value = (seed * 1_000_003 + batch_index) % 2**32
+    random.seed(value)
+    torch.manual_seed(value)
+
+
+def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """A new run into cfg.output, or (resume) the rest of the run folder `resume`, whose manifest must
+    match cfg's configuration."""
+    from bench.resume import check_resumable, config_differences, stored_manifest
+
+    stored = None
+    if resume is not None:
+        stored = stored_manifest(resume)
+        check_resumable(resume, stored)
     check_modes(cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -441,53 +545,128 @@ def run(cfg: RunConfig) -> tuple[Path, dict[str, Any]]:
     bundle = load_model(cfg.model, cfg.device, cfg.dtype)
     hparams, hparams_path = load_hparams(cfg.editor, cfg.model, bundle.arch.family, cfg.hparams)
     editor = editor_cls(bundle, hparams)
+    reject_overlong(bundle, data)
     editor.observe_dataset(list(data.cases))
-    cases, counts = select_cases(bundle, data, cfg.n, cfg.only_known)
+    if stored is not None:
+        by_id = {c.case_id: c for c in data.cases}
+        cases = [by_id[i] for i in stored.get("case_ids", []) if i in by_id]
+        counts = stored["cases"]
+    else:
+        cases, counts = select_cases(bundle, data, cfg.n, cfg.only_known)
+        if not cases:
+            raise DatasetError(why_no_cases(counts))
     log.info("loading: %d cases kept (%d rejected, %d not known to the model)", counts["kept"], counts["rejected"],
              counts["unknown_skipped"])
-    if not cases:
-        raise ValueError(f"no case to edit in {data.name}: {counts['loaded']} loaded, {counts['rejected']} rejected, "
-                         f"{counts['unknown_skipped']} not known to the model"
-                         + (" (drop --known-only to edit every valid record)" if cfg.only_known else ""))
     manifest = {"editor": cfg.editor, "hparams": hparams, "hparams_file": hparams_path, "seed": cfg.seed,
                 "model": bundle.provenance, "device": str(bundle.device),
                 "dataset": {"name": data.name, "path": data.path, "sha256": data.sha256, "split": data.split},
-                "cases": counts, "circuits": {"enabled": cfg.circuits, "method": "eap", "top_n": cfg.top_n,
-                                              "metric": "log-prob of the answer's first token"},
+                "cases": counts, "case_ids": [c.case_id for c in cases], "n_planned": len(cases),
+                "circuits": {"enabled": cfg.circuits, "method": "eap", "top_n": cfg.top_n,
+                             "metric": "log-prob of the answer's first token"},
                 "mode": mode_manifest(cfg),
                 "perplexity": ppl_manifest(hparams, cfg.curve_ppl_texts if cfg.sequential else cfg.ppl_texts),
                 "config": vars(cfg)}
-    writer = RunWriter(Path(cfg.output) / run_id(cfg), manifest)
+    if stored is not None and resume is not None:
+        differences = config_differences(stored, manifest)
+        if differences:
+            raise ValueError(f"cannot resume {resume}: {differences[0]}"
+                             + (f" (and {len(differences) - 1} more differences)" if len(differences) > 1 else ""))
+        writer = RunWriter(resume, stored, resume=True)
+    else:
+        writer = new_writer(cfg, manifest)
+    if cfg.circuits or cfg.relation_circuits:
+        bundle.bridge()  # the bridge adds its own tensors: built before the original state is fingerprinted
+    guard = ModelGuard.of(bundle.model, cfg.editor)
     pool = sorted({c.subject for c in data.cases})
-    status = "complete"
+    return execute(bundle, editor, cases, pool, cfg, writer, guard)
+
+
+def new_writer(cfg: RunConfig, manifest: dict[str, Any]) -> RunWriter:
+    for _ in range(5):
+        try:
+            return RunWriter(Path(cfg.output) / run_id(cfg), manifest)
+        except FileExistsError:
+            continue
+    raise OSError(f"could not create a new run folder under {cfg.output}")
+
+
+def execute(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+            writer: RunWriter, guard: ModelGuard) -> tuple[Path, dict[str, Any]]:
+    """Edits the cases not yet in the run folder and writes the summary with the run's final state:
+    complete, interrupted (SIGINT or SIGTERM) or failed (systematic failures, a model left changed)."""
+    status, error = "complete", None
     extra: dict[str, Any] = {"seed": cfg.seed, "device": str(bundle.device), "top_n": cfg.top_n,
-                             "mode": manifest["mode"]["name"], "batch_size": cfg.batch_size,
-                             **selection_counts(counts, cfg.only_known)}
+                             "mode": writer.manifest["mode"]["name"], "batch_size": cfg.batch_size,
+                             **selection_counts(writer.manifest["cases"], cfg.only_known)}
     log.info("editing: %s on %d cases (%s mode, batch size %d)%s", cfg.editor, len(cases), extra["mode"],
              cfg.batch_size, f", with pre/post circuits (EAP, top {cfg.top_n} edges)" if cfg.circuits else "")
     try:
         if cfg.sequential:
-            extra.update(final_curve_fields(run_sequential(bundle, editor, cases, pool, cfg, writer)))
+            extra.update(final_curve_fields(run_sequential(bundle, editor, cases, pool, cfg, writer, guard)))
         else:
-            run_batches(bundle, editor, cases, pool, cfg, writer)
-    except KeyboardInterrupt:
+            run_batches(bundle, editor, cases, pool, cfg, writer, guard)
+    except KeyboardInterrupt as exc:
         status = "interrupted"
-        log.warning("interrupted: the summary covers the %s cases already written", "completed")
+        extra["signal"] = getattr(exc, "signal_name", "SIGINT")
+        log.warning("interrupted (%s): the summary covers the cases already written", extra["signal"])
+    except (SystematicFailure, IntegrityError) as exc:
+        status, error = "failed", str(exc)
+    except BaseException as exc:
+        writer.finish(extra, "failed", f"{type(exc).__name__}: {exc}")
+        raise
     log.info("scoring: aggregating %s", writer.cases_path)
-    summary = writer.finish(extra, status)
+    if status == "complete":
+        rows = read_cases(writer.cases_path)
+        if not any(r.get("status") == "ok" for r in rows):
+            status, error = "failed", f"no case was edited: all {len(rows)} cases failed ({failure_reasons(rows)})"
+    summary = writer.finish(extra, status, error)
     return writer.dir, summary
 
 
+def failure_reasons(rows: list[dict[str, Any]], k: int = 2) -> str:
+    reasons = Counter(f"{r.get('reason', '?')[:160]} [{r.get('phase', '?')}]" for r in rows
+                      if r.get("status") == "failed")
+    return "; ".join(f"{n}× {why}" for why, n in reasons.most_common(k))
+
+
+def check_systematic(rows: list[dict[str, Any]]) -> None:
+    """Stops the run when its first SYSTEMATIC_FAILURES cases all failed."""
+    first = rows[:SYSTEMATIC_FAILURES]
+    if len(first) == SYSTEMATIC_FAILURES and all(r.get("status") == "failed" for r in first):
+        raise SystematicFailure(f"the first {SYSTEMATIC_FAILURES} cases all failed, so the failure is systematic "
+                                f"and the run stopped: {failure_reasons(first)}")
+
+
 def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
-                writer: RunWriter) -> None:
+                writer: RunWriter, guard: ModelGuard | None = None) -> None:
+    """Every batch not yet fully in cases.jsonl (a resumed run skips the others), each restored and the
+    whole model verified against its original afterwards."""
+    written = read_cases(writer.cases_path)
+    done = {r.get("case_id") for r in written}
     # every batch starts from the same restored weights, so the pre-edit perplexity is computed once
     ppl_pre = held_out_perplexity(bundle, heldout_for_ppl(cfg.ppl_texts))
-    with tqdm(total=len(cases), desc=f"{cfg.editor} edits", unit="case") as bar:
+    with tqdm(total=len(cases), initial=len(done & {c.case_id for c in cases}), desc=f"{cfg.editor} edits",
+              unit="case") as bar:
         for index, batch in enumerate(batches(cases, cfg.batch_size)):
+            if all(case.case_id in done for case in batch):
+                continue
+            seed_batch(cfg.seed, index)
             for record in _safe_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits", index,
                                       ppl_pre=ppl_pre):
-                writer.append(record)
-            bar.update(len(batch))
+                if record["case_id"] not in done:  # a resumed batch: its written cases stay as they are
+                    writer.append(record)
+                    written.append(record)
+            bar.update(sum(case.case_id not in done for case in batch))
+            if guard is not None:
+                guard.verify(lambda: declared_names(editor, batch))
+            check_systematic(written)
+
+
+def declared_names(editor: Editor, cases: list[EditCase]) -> set[str]:
+    try:
+        return set(touched_parameters(editor, cases))
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return set()
 
 
 def final_curve_fields(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -502,22 +681,53 @@ def final_curve_fields(points: list[dict[str, Any]]) -> dict[str, Any]:
 def _safe_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
                 circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False,
                 ppl_pre: float | None = None) -> list[dict[str, Any]]:
-    """Runs one batch; an exception inside the editor fails that batch's cases only (weights are restored)."""
+    """Runs one batch; any exception fails that batch's cases only, recorded with its type, message and
+    phase (the weights are restored by run_batch). A failed restore stops the run."""
     try:
         records = run_batch(bundle, editor, cases, pool, cfg, circuit_dir, batch_index, keep_edits, ppl_pre)
-    except RestoreError:
+    except IntegrityError:
         raise
-    except (RuntimeError, ValueError, FloatingPointError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"[:500]
-        records = [{"case_id": case.case_id, "batch_index": batch_index, "status": "failed", "reason": reason}
-                   for case in cases]
+    except Exception as exc:  # noqa: BLE001 - every failure of a case is recorded on the case
+        records = [failed_record(case, batch_index, exc) for case in cases]
     for record in records:
         if record.get("status") == "failed":
-            log.warning("case %s failed: %s", record["case_id"], record.get("reason"))
+            log.warning("case %s failed (%s): %s", record["case_id"], record.get("phase"), record.get("reason"))
         for key, value in list(record.items()):
             if isinstance(value, float) and not math.isfinite(value):
                 record[key] = None
     return records
+
+
+@contextmanager
+def case_phase(phase: str) -> Iterator[None]:
+    """Marks an exception raised inside with the phase of the case it happened in (the innermost wins)."""
+    try:
+        yield
+    except Exception as exc:
+        if not hasattr(exc, "case_phase"):
+            exc.case_phase = phase  # type: ignore[attr-defined]
+        raise
+
+
+def phase_of(exc: BaseException) -> str:
+    """edit, score, circuit or restore: a scoring-phase exception raised inside circuit discovery is 'circuit'."""
+    phase = getattr(exc, "case_phase", "score")
+    if phase == "score":
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "find_circuit" or code.co_filename.startswith(CIRCUITS_DIR):
+                return "circuit"
+            tb = tb.tb_next
+    return phase
+
+
+def failed_record(case: EditCase, batch_index: int, exc: BaseException) -> dict[str, Any]:
+    message = (str(exc).strip().splitlines() or [""])[0][:400]
+    return {"case_id": case.case_id, "relation": case.relation, "subject": case.subject,
+            "target_true": case.target_true, "target_new": case.target_new, "batch_index": batch_index,
+            "status": "failed", "phase": phase_of(exc), "error": {"type": type(exc).__name__, "message": message},
+            "reason": f"{type(exc).__name__}: {message}"[:500]}
 
 
 def _safe_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str], cfg: RunConfig,
