@@ -575,10 +575,18 @@ def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any
     else:
         writer = new_writer(cfg, manifest)
     if cfg.circuits or cfg.relation_circuits:
-        bundle.bridge()  # the bridge adds its own tensors: built before the original state is fingerprinted
+        warm_bridge(bundle)
     guard = ModelGuard.of(bundle.model, cfg.editor)
     pool = sorted({c.subject for c in data.cases})
     return execute(bundle, editor, cases, pool, cfg, writer, guard)
+
+
+@torch.no_grad()
+def warm_bridge(bundle: ModelBundle) -> None:
+    """Builds the TransformerLens bridge and runs it once: it adds its own tensors and wires its capture
+    hooks on first use, which must happen before the model's original state is fingerprinted."""
+    ids = torch.tensor([bundle.tokenizer("The capital of France is").input_ids], device=bundle.device)
+    bundle.bridge()(ids)
 
 
 def new_writer(cfg: RunConfig, manifest: dict[str, Any]) -> RunWriter:
