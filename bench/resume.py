@@ -92,7 +92,7 @@ def config_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]
     config_now = {k: v for k, v in (now.get("config") or {}).items() if k != "output"}
     config_then = {k: v for k, v in (stored.get("config") or {}).items() if k != "output"}
     checks.append(("configuration", config_then, config_now))
-    return [f"{name} differs ({_first_difference(then, current)})" for name, then, current in checks
+    return [f"the {name} changed ({_first_difference(then, current)})" for name, then, current in checks
             if _canonical(then) != _canonical(current)]
 
 

@@ -570,7 +570,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any
         differences = config_differences(stored, manifest)
         if differences:
             raise ValueError(f"cannot resume {resume}: {differences[0]}"
-                             + (f" (and {len(differences) - 1} more differences)" if len(differences) > 1 else ""))
+                             + (f" (and {len(differences) - 1} more changes)" if len(differences) > 1 else ""))
         writer = RunWriter(resume, stored, resume=True)
     else:
         writer = new_writer(cfg, manifest)
