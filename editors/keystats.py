@@ -3,7 +3,8 @@
 ROME (Meng et al. 2022, eq. 2) and MEMIT use C as the key covariance of the layer
 they rewrite. It depends only on the weights, the layer and the texts, so it is
 computed once and cached under `cache_dir()/stats` with a JSON sidecar recording
-what determined it.
+what determined it, and an integrity record (`<file>.entry`, JSON: the key it was built from and the
+file's sha256) that is checked when the file is first loaded in a process.
 
 The texts are a seeded random sample of the corpus, as rome `rome/layer_stats.py` samples
 Wikipedia (`tally(..., random_sample=1)`: a `random.Random(seed)` shuffle of the article
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.cache import cache_dir, publish, sha256_text, staging_path
+from bench.cache import cache_dir, discard_entry, entry_problem, publish, sha256_text, staging_path, write_record
 from bench.corpus import DEFAULT_CORPUS, load_corpus
 from bench.tokens import prompt_ids
 
@@ -89,7 +90,9 @@ def second_moments(bundle: ModelBundle, layers: list[int], corpus: str = DEFAULT
     sample = draw_sample(corpus, n_samples, seed)
     texts, identity = sample.texts, sample.record["corpus"]
     paths = {layer: _cache_path(bundle, layer, sample.record, max_len) for layer in layers}
-    missing = sorted({layer for layer, p in paths.items() if not p.exists()})
+    keys = {layer: _cache_key(bundle, layer, sample.record, max_len) for layer in layers}
+    found = {layer: _load_verified(paths[layer], keys[layer], bundle) for layer in layers}
+    missing = sorted(layer for layer, matrix in found.items() if matrix is None)
     if missing:
         log.info("statistics: computing E[kkᵀ] of %s layer(s) %s on %d texts of %s (max_len %d)",
                  bundle.name, ",".join(map(str, missing)), len(texts), identity, max_len)
@@ -101,24 +104,61 @@ def second_moments(bundle: ModelBundle, layers: list[int], corpus: str = DEFAULT
                         corpus=identity, n_samples=n_samples, n_texts=len(texts), max_len=max_len,
                         n_tokens=count, dtype_model=str(bundle.dtype), seconds=round(seconds, 1),
                         sample=sample.record)
-            _save(paths[layer], (sums[layer] / max(count, 1)).float().cpu(), meta)
-    return {layer: torch.load(paths[layer], map_location=bundle.device) for layer in layers}
+            _save(paths[layer], (sums[layer] / max(count, 1)).float().cpu(), meta, keys[layer])
+            found[layer] = _load_verified(paths[layer], keys[layer], bundle)
+            if found[layer] is None:
+                raise RuntimeError(f"key statistics {paths[layer]} are unusable right after they were computed; "
+                                   f"delete the file and run again")
+    return found
+
+
+def _cache_key(bundle: ModelBundle, layer: int, sample: dict[str, Any], max_len: int) -> str:
+    """The model, the layer, max_len and the sample (corpus identity, seed and the texts' hash)."""
+    return json.dumps([bundle.provenance.get("sha256") or bundle.name, layer, sample["corpus"], sample["seed"],
+                       sample["n_requested"], sample["texts_sha256"], max_len])
+
+
+def _load_verified(path: Path, key: str, bundle: ModelBundle) -> torch.Tensor | None:
+    """The cached C when its content matches its record (checked once per process), has the layer's
+    shape and is finite; None (after one warning line, the file removed) when it must be recomputed.
+    A file from before records existed is adopted when it passes the shape and finiteness checks."""
+    problem = entry_problem(path, key)
+    if problem == "is missing":
+        return None
+    if problem is not None and problem != "has no integrity record":
+        log.warning("cache: key statistics %s %s; recomputing them", path, problem)
+        discard_entry(path)
+        return None
+    d = bundle.arch.d_mlp
+    try:
+        matrix = torch.load(path, map_location=bundle.device)
+        if not isinstance(matrix, torch.Tensor) or tuple(matrix.shape) != (d, d):
+            raise ValueError(f"expected a [{d}, {d}] tensor, got {getattr(matrix, 'shape', type(matrix).__name__)}")
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError("it holds NaN or inf")
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises whatever torch's unpickler raises
+        log.warning("cache: key statistics %s are unreadable (%s: %s); recomputing them", path, type(exc).__name__,
+                    (str(exc).splitlines() or [""])[0][:120])
+        discard_entry(path)
+        return None
+    if problem == "has no integrity record":
+        write_record(path, key)
+    return matrix
 
 
 def _cache_path(bundle: ModelBundle, layer: int, sample: dict[str, Any], max_len: int) -> Path:
     """Keyed by the model, the layer, max_len and the sample (corpus identity, seed and the texts' hash)."""
-    key = json.dumps([bundle.provenance.get("sha256") or bundle.name, layer, sample["corpus"], sample["seed"],
-                      sample["n_requested"], sample["texts_sha256"], max_len])
+    key = _cache_key(bundle, layer, sample, max_len)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in bundle.name.split("/")[-1])
     n = sample["n_requested"]
     return cache_dir() / "stats" / safe / f"mom2-L{layer}-n{n}-len{max_len}-s{sample['seed']}-{sha256_text(key)[:16]}.pt"
 
 
-def _save(path: Path, matrix: torch.Tensor, meta: dict) -> None:
+def _save(path: Path, matrix: torch.Tensor, meta: dict, key: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_path(path)
     torch.save(matrix, tmp)
-    publish(tmp, path)
+    publish(tmp, path, key)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

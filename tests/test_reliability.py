@@ -21,7 +21,7 @@ from bench.results import drop_torn_tail, read_case_lines, summarize
 from editors.base import EditOutcome, Editor, register
 
 REPO = Path(__file__).resolve().parent.parent
-QUIET = ["--model", "tiny-gpt2", "--no-circuits", "--all-cases", "--ppl-texts", "0"]
+QUIET = ["--model", "tiny-gpt2", "--no-circuits", "--ppl-texts", "0"]
 
 
 def no_hparams(folder: Path) -> str:
@@ -175,7 +175,7 @@ def test_overlong_prompt_is_rejected_at_load_and_the_others_run(tmp_path, cache,
     data = tmp_path / "long.json"
     data.write_text(json.dumps({"name": "long", "cases": cases}))
     out = tmp_path / "runs"
-    code = main(["run", "--editor", "ft", *QUIET, "--dataset", str(data), "--output", str(out)])
+    code = main(["run", "--editor", "ft-l", *QUIET, "--dataset", str(data), "--output", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
     (run_dir,) = run_dirs(out)
@@ -212,9 +212,9 @@ def test_sigterm_exits_143_with_a_partial_summary_and_the_complete_row_stays(tmp
     """(SIGINT is Python's KeyboardInterrupt: the resume tests below interrupt in-process and get 130.)"""
     signum, code = signal.SIGTERM, 143
     out = tmp_path / "runs"
-    assert main(["run", "--editor", "ft", *QUIET, "--n", "3", "--output", str(out)]) == 0
+    assert main(["run", "--editor", "ft-l", *QUIET, "--n", "3", "--output", str(out)]) == 0
     (complete,) = run_dirs(out)
-    process = bench_process(["run", "--editor", "ft", *QUIET, "--n", "40", "--output", str(out)], cache)
+    process = bench_process(["run", "--editor", "ft-l", *QUIET, "--n", "40", "--output", str(out)], cache)
     folder = wait_for_cases(out, 4, process)
     process.send_signal(signum)
     _, err = process.communicate(timeout=300)
@@ -229,11 +229,11 @@ def test_sigterm_exits_143_with_a_partial_summary_and_the_complete_row_stays(tmp
     assert [r["provenance"]["run_id"] for r in rows] == [complete.name]
     assert main(["leaderboard", "--runs", str(out), "--include-partial"]) == 0
     board = capsys.readouterr().out
-    assert "| ft (partial: interrupted) [" in board and "| ft [" in board
+    assert "| ft-l (partial: interrupted) [" in board and "| ft-l [" in board
 
 
 def test_sigkill_at_five_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, cache, one_thread):
-    args = ["run", "--editor", "ft", *QUIET, "--n", "12"]
+    args = ["run", "--editor", "ft-l", *QUIET, "--n", "12"]
     assert main([*args, "--output", str(tmp_path / "ref")]) == 0  # one thread, as the subprocesses
     (ref_dir,) = run_dirs(tmp_path / "ref")
     out = tmp_path / "killed"
@@ -270,7 +270,7 @@ def test_torn_last_line_is_reported_and_dropped(tmp_path):
 def test_resume_refuses_a_changed_configuration(tmp_path, cache, one_thread, capsys, monkeypatch):
     out = tmp_path / "runs"
     interrupt_after_cases(monkeypatch, 2)
-    assert main(["run", "--editor", "ft", *QUIET, "--n", "4", "--output", str(out)]) == 130
+    assert main(["run", "--editor", "ft-l", *QUIET, "--n", "4", "--output", str(out)]) == 130
     (folder,) = run_dirs(out)
     monkeypatch.undo()
     capsys.readouterr()
@@ -425,12 +425,12 @@ def bad_yaml(tmp_path: Path, text: str | None) -> str:
 
 
 FACT = read_json(REPO / "datasets" / "facts.json")["cases"][0]
-RUN = ["run", "--editor", "ft", *QUIET]
+RUN = ["run", "--editor", "ft-l", *QUIET]
 BAD_INPUTS = {
     # name: (argv builder, words the error line must contain)
     "unknown editor": (lambda t: ["run", "--editor", "nope"], "unknown editor 'nope'"),
     "no editor": (lambda t: ["run"], "run needs --editor"),
-    "unknown model": (lambda t: ["run", "--editor", "ft", "--model", "./no/such/dir"], "does not exist"),
+    "unknown model": (lambda t: ["run", "--editor", "ft-l", "--model", "./no/such/dir"], "does not exist"),
     "unknown dataset": (lambda t: RUN + ["--dataset", "no-such-data"], "valid names"),
     "unknown relation": (lambda t: RUN + ["--dataset", "lre:no_such_relation"], "no_such_relation"),
     "--n 0": (lambda t: RUN + ["--n", "0"], "--n must be at least 1; got 0"),
@@ -442,7 +442,7 @@ BAD_INPUTS = {
     "--eval-every 0": (lambda t: RUN + ["--sequential", "--eval-every", "0"], "--eval-every must be at least 1"),
     "--eval-every -3": (lambda t: RUN + ["--sequential", "--eval-every", "-3"], "--eval-every must be at least 1"),
     "--eval-every without --sequential": (lambda t: RUN + ["--eval-every", "3"], "--eval-every needs --sequential"),
-    "--ppl-texts -1": (lambda t: ["run", "--editor", "ft", "--ppl-texts", "-1"], "--ppl-texts must be at least 0"),
+    "--ppl-texts -1": (lambda t: ["run", "--editor", "ft-l", "--ppl-texts", "-1"], "--ppl-texts must be at least 0"),
     "--n not a number": (lambda t: RUN + ["--n", "five"], "invalid int value: 'five'"),
     "--device cuda without CUDA": (lambda t: RUN + ["--device", "cuda"], "CUDA"),
     "--dtype nonsense": (lambda t: RUN + ["--dtype", "nonsense"], "unknown dtype 'nonsense'"),
