@@ -169,6 +169,10 @@ def run_editor(suite: Suite, editor: str, dataset_file: Path, runs_dir: Path) ->
                     device=suite.device, output=str(runs_dir), hparams=suite.hparams.get(editor),
                     circuits=suite.circuits, only_known=False, **suite.run_options)
     _, summary = run(cfg)
+    if summary.get("status") == "interrupted":
+        raise KeyboardInterrupt
+    if summary.get("status") == "failed":  # systematic failures, or a model left changed after a restore
+        raise RuntimeError(summary.get("error") or "the run failed")
     return summary
 
 
