@@ -25,7 +25,7 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "n": (1, None), "seed": (0, 2**32 - 1), "top_n": (1, None), "batch_size": (1, None), "eval_every": (1, None),
     "ppl_texts": (0, None), "known_top_k": (0, None), "validation_fraction": (0.0, 1.0),
     "max_validation": (1, None), "max_test": (1, None), "random_draws": (1, None), "samples": (1, None),
-    "window": (1, None), "noise_texts": (1, None),
+    "window": (1, None), "noise_texts": (1, None), "shots": (0, None),
 }
 
 

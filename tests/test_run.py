@@ -90,7 +90,7 @@ def test_cli_bad_names_exit_2_with_valid_names(capsys):
 
 
 def test_registry_lists_spine_editors():
-    assert {"rome", "ft"} <= set(registry())
+    assert {"rome", "ft-l"} <= set(registry())
 
 
 def test_end_to_end_tiny_run_writes_the_contract(tmp_path, monkeypatch, device):
