@@ -1,7 +1,7 @@
 """Cost of the whole-model integrity check (every parameter and buffer hashed, every module's hooks
 counted) next to one edit, on the same model and device.
 
-    OMP_NUM_THREADS=1 python benchmarks/integrity_cost.py --model smollm2-135m --editor rome \
+    OMP_NUM_THREADS=1 python -m benchmarks.integrity_cost --model smollm2-135m --editor rome \
         --output benchmarks/results/integrity-cost-cpu.json
 """
 
@@ -53,7 +53,7 @@ def main() -> None:
     checks = [timed(lambda: guard.verify(), bundle.device) for _ in range(args.checks)]
     n_bytes = sum(t.numel() * t.element_size() for t in bundle.model.state_dict().values())
     result = {
-        "command": "python benchmarks/integrity_cost.py " + " ".join(
+        "command": "python -m benchmarks.integrity_cost " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "model": args.model, "editor": args.editor, "device": str(bundle.device),
         "torch_threads": torch.get_num_threads(), "n_tensors": len(fingerprints(bundle.model)),
