@@ -36,6 +36,7 @@ from circuits.ablation import ablated_outputs
 from circuits.activations import PairBatch, run_capture
 from circuits.graph import Graph
 from circuits.metrics import Metric, prepared_metric
+from circuits.ungroup import kv_layout
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact")
 DEFAULT_IG_STEPS = 5
@@ -153,7 +154,8 @@ class EdgeScoreAccumulator:
         """w [heads, D, d_head] float32: the port's projection (times the norm weight in the closed form)."""
         def on_grad(grad: torch.Tensor) -> None:
             if self.live is not None:
-                self.collect(layer, port, torch.einsum("nhe,hde->hnd", self.live_rows(grad).float(), w))
+                rows = self.live_rows(grad).float().reshape(-1, w.shape[0], w.shape[2])  # [N, heads, d_head]
+                self.collect(layer, port, torch.einsum("nhe,hde->hnd", rows, w))
 
         def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
             act = act.clone()  # a fresh tensor: only this projection's use reaches the hook
@@ -290,6 +292,12 @@ def eap_ig_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Gr
                   steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "logprob", ablation: str = "corrupted",
                   reference: PairBatch | None = None) -> torch.Tensor:
     """EAP-IG over the input embeddings (m = steps); steps=1 is plain EAP. [n_upstream, n_receivers]."""
+    with kv_layout(model, arch, graph):
+        return _eap_ig_scores(bridge, model, arch, graph, batch, steps, metric, ablation, reference)
+
+
+def _eap_ig_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
+                   steps: int, metric: str | Metric, ablation: str, reference: PairBatch | None) -> torch.Tensor:
     if steps < 1:
         raise ValueError("steps must be at least 1")
     ablated, prepared, acc, scores = _setup(bridge, model, arch, graph, batch, metric, ablation, reference)
@@ -324,6 +332,13 @@ def eap_ig_activation_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec
                              steps: int = DEFAULT_IG_STEPS, metric: str | Metric = "logprob",
                              ablation: str = "corrupted", reference: PairBatch | None = None) -> torch.Tensor:
     """EAP-IG over each layer block's activations. [n_upstream, n_receivers]."""
+    with kv_layout(model, arch, graph):
+        return _eap_ig_activation_scores(bridge, model, arch, graph, batch, steps, metric, ablation, reference)
+
+
+def _eap_ig_activation_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph,
+                              batch: PairBatch, steps: int, metric: str | Metric, ablation: str,
+                              reference: PairBatch | None) -> torch.Tensor:
     if steps < 1:
         raise ValueError("steps must be at least 1")
     ablated, prepared, acc, scores = _setup(bridge, model, arch, graph, batch, metric, ablation, reference)

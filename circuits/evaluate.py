@@ -20,6 +20,7 @@ from circuits.ablation import ablated_outputs
 from circuits.activations import PairBatch, SenderCapture, embed_hooks
 from circuits.graph import Graph
 from circuits.metrics import Metric, prepared_metric
+from circuits.ungroup import kv_layout
 
 
 class EdgePatcher(SenderCapture):
@@ -60,7 +61,8 @@ class EdgePatcher(SenderCapture):
             resid = self.resid[layer]
             delta = self._patch(slice(first, first + w.shape[0]))  # [H, B, P, D]
             shift = norm(resid.unsqueeze(0) + delta) - norm(resid).unsqueeze(0)
-            return act + torch.einsum("hbpd,hde->bphe", shift, w)
+            moved = torch.einsum("hbpd,hde->bphe", shift, w)  # hook_k/v may be [B, P, heads * d_head]
+            return act + moved.reshape(act.shape)
 
         return fn
 
@@ -87,8 +89,10 @@ def patched_logits(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: G
                    keep: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
     """Logits of the clean prompts with every edge outside `keep` fed its corrupted sender output."""
     patched = graph.edge_mask.to(keep.device) & ~keep
-    patcher = EdgePatcher(graph, arch, model, corrupt, patched.to(corrupt.device))
-    return bridge.run_with_hooks(batch.clean_ids, fwd_hooks=patcher.hooks(bridge), attention_mask=batch.attention_mask)
+    with kv_layout(model, arch, graph):
+        patcher = EdgePatcher(graph, arch, model, corrupt, patched.to(corrupt.device))
+        return bridge.run_with_hooks(batch.clean_ids, fwd_hooks=patcher.hooks(bridge),
+                                     attention_mask=batch.attention_mask)
 
 
 @torch.no_grad()

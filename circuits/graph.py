@@ -6,22 +6,25 @@ MLP's input and the logits. An edge joins a sender to every receiver that reads
 the residual stream after it. A node-level view (heads and MLPs as units) is the
 sender rows of this graph: a node's score is the sum of its outgoing edges' scores.
 
-Grouped-query attention (Llama, SmolLM2, TinyLlama) is handled per query head:
-every query head is its own sender and has its own q receiver, but a key/value
-head is shared by `n_heads / n_kv_heads` query heads, so its k and v inputs are
-ONE receiver per key/value group, named `a{l}.kv{g}<k>` / `a{l}.kv{g}<v>`. Query
-head h belongs to group h // (n_heads / n_kv_heads) (the Hugging Face
-`repeat_kv` layout). The k/v receiver's gradient is the sum of the gradients
-that reach it from all query heads of its group, so an edge u -> a{l}.kv{g}<k>
-scores u's effect on the keys that all of those heads read. For pruning and for
-node-level circuits the receiver belongs to every query head of its group
-(`receiver_owners`). With ordinary multi-head attention the group is the head
-and the name is `a{l}.h{h}<k>`. EAP-IG instead ungroups key/value heads (one k
-and v receiver per query head); `Graph(L, H, H)` counts that graph's edges.
+Grouped-query attention (Llama, SmolLM2, TinyLlama) has two graphs (`GRAPHS`):
 
-Edge counts (formula in `n_edges`): with S(l) = 1 + l (H + 1) senders before
-layer l, each layer's q/k/v receivers have S(l) incoming edges, its MLP S(l) + H,
-and the logits S(L); GPT-2 small has 32,491 edges, GPT-2 medium 231,877.
+- `ungrouped` (the default, EAP-IG's and MIB's graph): one k and one v receiver per query
+  head, `a{l}.h{h}<k>` / `a{l}.h{h}<v>`. Head h's k receiver is the copy of the shared key
+  projection's input that head h alone reads; the model is run with its key/value projections
+  repeated per query head (`circuits/ungroup.py`), which leaves its outputs unchanged.
+- `grouped` (a labelled variant): ONE k and v receiver per key/value group,
+  `a{l}.kv{g}<k>` / `a{l}.kv{g}<v>`. Query head h belongs to group h // (n_heads / n_kv_heads)
+  (the Hugging Face `repeat_kv` layout). The receiver's gradient is the sum over the group's
+  query heads, so its score is the sum of the ungrouped graph's scores over the group. For
+  pruning and node-level circuits it belongs to every query head of its group (`receiver_owners`).
+
+With ordinary multi-head attention the two graphs are the same and `kind` is "ungrouped".
+
+Edge counts (formula in `n_edges`): with S(l) = 1 + l (H + 1) senders before layer l, each
+layer's q receivers have S(l) incoming edges each, its K k and K v receivers (K = H ungrouped,
+n_kv_heads grouped) S(l) each, its MLP S(l) + H, and the logits S(L). GPT-2 small: 32,491 edges;
+GPT-2 medium 231,877; SmolLM2-135M 123,211 ungrouped (70,651 grouped); TinyLlama-1.1B 742,996
+ungrouped (314,876 grouped).
 """
 
 from __future__ import annotations
@@ -31,12 +34,32 @@ from functools import cached_property
 
 import torch
 
+GRAPHS = ("ungrouped", "grouped")
+DEFAULT_GRAPH = "ungrouped"
+
+
+def check_graph(kind: str) -> str:
+    if kind not in GRAPHS:
+        raise ValueError(f"unknown graph '{kind}'; choose from {', '.join(GRAPHS)}")
+    return kind
+
 
 @dataclass(frozen=True)
 class Graph:
     n_layers: int
     n_heads: int
-    n_kv_heads: int
+    n_kv_heads: int  # k/v receivers per layer: n_heads (ungrouped) or the model's key/value heads (grouped)
+
+    @property
+    def kind(self) -> str:
+        """'ungrouped' (one k/v receiver per query head, EAP-IG's and MIB's graph) or 'grouped'."""
+        return "ungrouped" if self.n_kv_heads == self.n_heads else "grouped"
+
+    @classmethod
+    def of(cls, arch, kind: str = DEFAULT_GRAPH) -> "Graph":
+        """The graph of an architecture (anything with n_layers, n_heads, n_kv_heads)."""
+        kv = arch.n_heads if check_graph(kind) == "ungrouped" else arch.n_kv_heads
+        return cls(arch.n_layers, arch.n_heads, kv)
 
     # --- senders ---------------------------------------------------------------
     @property
@@ -127,14 +150,13 @@ class Graph:
         return self.mlp_index(layer) if receiver == self.mlp_in_index(layer) else self.head_index(layer, 0)
 
     @classmethod
-    def from_config(cls, config, group_kv: bool = True) -> "Graph":
-        """The graph of a Hugging Face config (no weights); group_kv=False counts EAP-IG's ungrouped graph."""
+    def from_config(cls, config, kind: str = DEFAULT_GRAPH) -> "Graph":
+        """The graph of a Hugging Face config (no weights needed)."""
         from types import SimpleNamespace
 
         from bench.arch import arch_of
 
-        arch = arch_of(SimpleNamespace(config=config))
-        return cls(arch.n_layers, arch.n_heads, arch.n_kv_heads if group_kv else arch.n_heads)
+        return cls.of(arch_of(SimpleNamespace(config=config)), kind)
 
     # --- edges ---------------------------------------------------------------------
     @cached_property

@@ -7,11 +7,14 @@ edges of the tiny models is printed (pytest -s) and asserted above a floor.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from scipy.stats import spearmanr
 from transformers import GPT2Config, LlamaConfig
 
+from bench.arch import parameter
 from circuits.activations import PairBatch, answer_logprob
 import circuits.attribute as attribute_module
 from circuits.attribute import attribute, eap_ig_scores, eap_scores, node_scores, norm_parameters, norm_vjp
@@ -44,23 +47,34 @@ def batch_of(bundle, rows=None, padding_side="right", corrupt_answers=None) -> P
     return PairBatch.from_rows(rows, bundle.tokenizer.pad_token_id, bundle.device, padding_side, corrupt_answers)
 
 
-def graph_of(bundle) -> Graph:
-    return Graph(bundle.arch.n_layers, bundle.arch.n_heads, bundle.arch.n_kv_heads)
+def graph_of(bundle, kind: str = "ungrouped") -> Graph:
+    return Graph.of(bundle.arch, kind)
 
 
 # --- graph ---------------------------------------------------------------------------------------------
 
 
+SMOLLM2_135M = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                    intermediate_size=1536)
+TINYLLAMA_1B = dict(num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, hidden_size=2048,
+                    intermediate_size=5632)
+
+
 def test_edge_counts_from_configs():
-    """The issue's reference counts, each head's q, k, v separate receivers and key/value heads ungrouped."""
+    """The issue's reference counts (EAP-IG's and MIB's ungrouped graph), from configs alone."""
     assert Graph.from_config(GPT2Config()).n_edges == 32_491
+    assert Graph.from_config(GPT2Config(), "grouped").n_edges == 32_491  # no grouped-query attention
     assert Graph.from_config(GPT2Config(n_layer=24, n_head=16, n_embd=1024)).n_edges == 231_877
-    tinyllama = LlamaConfig(num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, hidden_size=2048)
-    assert Graph.from_config(tinyllama, group_kv=False).n_edges == 742_996
-    grouped = Graph.from_config(tinyllama)
+    assert Graph.from_config(LlamaConfig(**SMOLLM2_135M)).n_edges == 123_211
+    assert Graph.from_config(LlamaConfig(**TINYLLAMA_1B)).n_edges == 742_996
+    assert Graph.from_config(LlamaConfig(**SMOLLM2_135M), "grouped").n_edges == 70_651
+    grouped = Graph.from_config(LlamaConfig(**TINYLLAMA_1B), "grouped")
     L, H, K = 22, 32, 4
     senders = lambda layer: 1 + layer * (H + 1)  # noqa: E731
-    assert grouped.n_edges == sum(senders(l) * (H + 2 * K + 1) + H for l in range(L)) + senders(L)
+    assert grouped.n_edges == sum(senders(l) * (H + 2 * K + 1) + H for l in range(L)) + senders(L) == 314_876
+    assert (grouped.kind, Graph.from_config(LlamaConfig(**TINYLLAMA_1B)).kind) == ("grouped", "ungrouped")
+    with pytest.raises(ValueError):
+        Graph.from_config(GPT2Config(), "regrouped")
 
 
 def test_grouped_kv_receivers_belong_to_their_query_heads():
@@ -108,7 +122,7 @@ def _port_directional_derivative(bundle, batch, layer: int, port: str, index: in
 def test_gqa_receiver_scores_equal_their_projection_derivatives(tiny_model):
     """A grouped k (or v) receiver's EAP column is the derivative through that group's shared projection."""
     bundle = tiny_model
-    g, batch = graph_of(bundle), batch_of(bundle)
+    g, batch = graph_of(bundle, "grouped"), batch_of(bundle)
     scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, g, batch)
     layer = 1
     checks = [("q", 1, g.q_index(layer, 1)), ("k", g.n_kv_heads - 1, g.k_index(layer, g.n_kv_heads - 1)),
@@ -116,6 +130,57 @@ def test_gqa_receiver_scores_equal_their_projection_derivatives(tiny_model):
     for port, index, receiver in checks:
         expected = _port_directional_derivative(bundle, batch, layer, port, index)
         assert scores[:, receiver].sum().item() == pytest.approx(expected, rel=1e-3, abs=1e-6), port
+
+
+def multi_head_copy(bundle):
+    """An independent ungrouped model: a fresh Hugging Face Llama with one key/value head per query head,
+    its k/v projection rows copied from the grouped model's (repeat_kv order)."""
+    import copy
+    from types import SimpleNamespace
+
+    arch = bundle.arch
+    config = copy.deepcopy(bundle.model.config)
+    config.num_key_value_heads = config.num_attention_heads
+    mha = type(bundle.model)(config).to(bundle.device).eval()
+    state = {}
+    for name in mha.state_dict():
+        value = parameter(bundle.model, name).detach()
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            value = value.unflatten(0, (-1, arch.d_head)).repeat_interleave(arch.heads_per_kv, 0).flatten(0, 1)
+        state[name] = value
+    mha.load_state_dict(state)
+    return SimpleNamespace(model=mha, arch=dataclasses.replace(arch, n_kv_heads=arch.n_heads))
+
+
+def test_ungrouped_receiver_scores_equal_derivatives_in_an_independent_multi_head_copy(tiny_model):
+    """Each query head's own k and v receiver (ungrouped graph) scores the derivative through that head's
+    copy of the key/value projection alone, measured on a separately built multi-head model."""
+    bundle = tiny_model
+    if bundle.arch.n_kv_heads == bundle.arch.n_heads:
+        pytest.skip("no grouped-query attention: the two graphs are the same")
+    g, batch = graph_of(bundle), batch_of(bundle)
+    assert g.kind == "ungrouped" and g.n_kv_heads == bundle.arch.n_heads
+    scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, g, batch)
+    mha = multi_head_copy(bundle)
+    with torch.no_grad():
+        same = mha.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits
+        ours = bundle.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits
+    assert torch.allclose(same, ours, atol=1e-5)
+    layer, heads = 1, range(bundle.arch.n_heads)
+    per_head = {h: _port_directional_derivative(mha, batch, layer, "k", h) for h in heads}
+    assert len({round(v, 6) for v in per_head.values()}) > 1  # heads of one group do differ
+    for h in heads:
+        assert scores[:, g.k_index(layer, h)].sum().item() == pytest.approx(per_head[h], rel=1e-3, abs=1e-6)
+    v_head = bundle.arch.n_heads - 1
+    expected_v = _port_directional_derivative(mha, batch, layer, "v", v_head)
+    assert scores[:, g.v_index(layer, v_head)].sum().item() == pytest.approx(expected_v, rel=1e-3, abs=1e-6)
+    # the grouped graph's k receiver is the sum of its query heads' ungrouped receivers
+    grouped = eap_scores(bundle.bridge(), bundle.model, bundle.arch, graph_of(bundle, "grouped"), batch)
+    gg = graph_of(bundle, "grouped")
+    members = [h for h in heads if gg.group_of(h) == 0]
+    assert grouped[:, gg.k_index(layer, 0)].sum().item() == pytest.approx(
+        sum(scores[:, g.k_index(layer, h)].sum().item() for h in members), rel=1e-4, abs=1e-7)
+    assert bundle.arch.qkv_weights(bundle.model, layer)[1].shape[0] == bundle.arch.n_kv_heads  # restored
 
 
 def _autograd_vjp(norm, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

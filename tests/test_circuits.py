@@ -27,7 +27,7 @@ def make_batch(bundle) -> PairBatch:
 
 
 def graph_of(bundle) -> Graph:
-    return Graph(bundle.arch.n_layers, bundle.arch.n_heads, bundle.arch.n_kv_heads)
+    return Graph.of(bundle.arch)  # ungrouped: one k and v receiver per query head
 
 
 def test_edge_count_matches_hand_count(tiny_model):
