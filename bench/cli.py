@@ -65,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
                           "MEMIT and EasyEdit evaluate")
     run.add_argument("--all-cases", action="store_true",
                      help="every valid record is edited by default; accepted for older scripts, no effect")
+    run.add_argument("--graph", choices=["ungrouped", "grouped"], default="ungrouped",
+                     help="circuit graph: one k/v receiver per query head as EAP-IG and MIB (ungrouped, default) "
+                          "or one per key/value group (grouped)")
+    run.add_argument("--ablation", choices=["corrupted", "zero", "mean"], default="corrupted",
+                     help="what edges outside a circuit carry: the corrupted prompt's activations (default), zero, "
+                          "or the mean over the case's clean prompts")
+    run.add_argument("--metric", choices=["logprob", "logit-diff", "match-nll"], default="logprob",
+                     help="circuit metric: log-prob of the answer (default), logit difference to the corrupted "
+                          "answer, or KC's match-NLL")
     run.add_argument("--relation-circuits", action="store_true",
                      help="also rediscover each case's relation circuit after the edit: overlap and Hit@10 change")
     run.add_argument("--batch-size", type=int, default=1,
@@ -108,7 +117,7 @@ def plugin_commands() -> dict:
 
 RUN_DEFAULTS = {"model": DEFAULT_MODEL, "dataset": "facts", "n": None, "seed": 0, "device": "auto",
                 "dtype": "float32", "hparams": None, "top_n": None, "batch_size": 1, "eval_every": None,
-                "ppl_texts": 8}
+                "ppl_texts": 8, "graph": "ungrouped", "ablation": "corrupted", "metric": "logprob"}
 
 
 def _run_config(args: argparse.Namespace):
@@ -123,7 +132,8 @@ def _run_config(args: argparse.Namespace):
                      device=args.device, dtype=args.dtype, output=args.output, hparams=args.hparams,
                      circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=args.known_only,
                      batch_size=args.batch_size, sequential=args.sequential, relation_circuits=args.relation_circuits,
-                     eval_every=5 if args.eval_every is None else args.eval_every, ppl_texts=args.ppl_texts)
+                     eval_every=5 if args.eval_every is None else args.eval_every, ppl_texts=args.ppl_texts,
+                     graph=args.graph, ablation=args.ablation, metric=args.metric)
 
 
 def _given_options(args: argparse.Namespace) -> dict:

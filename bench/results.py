@@ -190,7 +190,6 @@ METRICS: list[Metric] = [
     Metric("circuit_node_jaccard", "circuit", "Node J", _field("circuit_node_jaccard"), None, CIRCUIT),
     Metric("circuit_faithfulness_pre", "circuit", "Faith pre", _field("circuit_faithfulness_pre"), None, CIRCUIT),
     Metric("circuit_faithfulness_post", "circuit", "Faith post", _field("circuit_faithfulness_post"), None, CIRCUIT),
-    Metric("edit_layer_in_circuit", "circuit", "Layer in", _field("edit_layer_in_circuit"), None, CIRCUIT),
     Metric("seconds_per_edit", "cost", "s/edit", _field("seconds_edit"), None, WALL_CLOCK),
     Metric("seconds_per_circuit", "cost", "s/circuit", _field("seconds_circuit"), None, WALL_CLOCK),
 ]

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bench.corrupt import circuit_batch
+from bench.corrupt import CorruptionPool, answer_check, prompt_pairs, prompt_sets
 from bench.arch import parameter
 from bench.cache import FetchError
 from bench.corpus import DEFAULT_CORPUS, CorpusError, wiki_texts
@@ -40,7 +40,10 @@ from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.results import RunWriter, read_cases
 from bench.scoring import (case_target_nll, counterfact_scores, drift_kl, harmonic_mean, neighborhood_next_token,
                            top1_matches)
-from circuits.circuit import DEFAULT_TOP_N, Circuit, discover, overlap
+from circuits.activations import PairBatch
+from circuits.circuit import DEFAULT_TOP_N, Circuit, discover, evaluate_circuit, mlp_rank_and_share, overlap
+from circuits.curve import reported_faithfulness
+from circuits.graph import DEFAULT_GRAPH, Graph
 from circuits.relation import relation_circuits_for
 from editors.base import EditOutcome, Editor, get_editor, load_hparams
 
@@ -73,6 +76,9 @@ class RunConfig:
     hparams: str | None = None
     circuits: bool = True
     top_n: int = DEFAULT_TOP_N
+    graph: str = DEFAULT_GRAPH  # circuit graph: "ungrouped" (EAP-IG/MIB) or "grouped" k/v receivers
+    ablation: str = "corrupted"  # circuits: corrupted | zero | mean
+    metric: str = "logprob"  # circuits: logprob | logit-diff | match-nll
     only_known: bool = False  # the harness's known-fact filter (--known-only); protocols edit every record
     relation_circuits: bool = False  # also the case's relation circuit before/after the edit (circuits/relation.py)
     batch_size: int = 1  # cases per apply (batched editors) or per restore (the others)
@@ -160,24 +166,105 @@ def interleave_relations(cases: list[EditCase]) -> list[EditCase]:
 
 # --- one case, one batch ---------------------------------------------------------------
 
-def find_circuit(bundle: ModelBundle, case: EditCase, answer: str, pool: list[str], cfg: RunConfig
+Pool = CorruptionPool | list[str]
+
+
+def find_circuit(bundle: ModelBundle, batch: PairBatch | None, answer: str, cfg: RunConfig, evaluate: bool = True
                  ) -> tuple[Circuit | None, float]:
-    batch = circuit_batch(bundle.tokenizer, case, answer, pool, bundle.device, cfg.seed)
+    """The circuit of `answer` on the batch's prompt pairs (current weights), and its seconds."""
     if batch is None:
         return None, 0.0
     start = time.perf_counter()
-    circuit = discover(bundle.bridge(), bundle.model, bundle.arch, batch, answer, top_n=cfg.top_n)
+    circuit = discover(bundle.bridge(), bundle.model, bundle.arch, batch, answer, top_n=cfg.top_n,
+                       graph=cfg.graph, ablation=cfg.ablation, metric=circuit_metric(cfg.metric), evaluate=evaluate)
     sync(bundle.device)
     return circuit, time.perf_counter() - start
 
 
-def circuit_fields(pre: Circuit | None, post: Circuit | None, layers: list[int]) -> dict[str, Any]:
-    if pre is None or post is None:
-        return {"circuit_note": "no corrupted prompt of equal token length"}
-    fields: dict[str, Any] = {f"circuit_{k}": v for k, v in overlap(pre, post).items()}
-    fields["circuit_faithfulness_pre"] = pre.metrics.get("faithfulness")
-    fields["circuit_faithfulness_post"] = post.metrics.get("faithfulness")
-    fields["edit_layer_in_circuit"] = float(any(f"m{layer}" in post.nodes for layer in layers))
+def circuit_metric(name: str) -> str:
+    """The circuits package's name for a `bench run --metric` choice (KC's match-NLL is its nll-diff)."""
+    from circuits.metrics import METRICS
+
+    return "nll-diff" if name == "match-nll" and name not in METRICS else name
+
+
+@dataclass
+class CaseCircuits:
+    """One case's circuits on one set of weights. `main` is built from prompt set A; on the pre-edit weights
+    `floor` is built from the disjoint set B (noise floor); on the edited weights `old_answer` is the circuit
+    for target_true on set A (the changed-answer control). `held_out` is `main` evaluated on set B."""
+
+    main: Circuit | None = None
+    floor: Circuit | None = None
+    old_answer: Circuit | None = None
+    held_out: dict[str, float] = field(default_factory=dict)
+    swapped: list[str | None] = field(default_factory=list)  # set A's corrupting subjects, kept for after the edit
+    seconds: float = 0.0
+    note: str | None = None
+
+
+def case_circuits(bundle: ModelBundle, case: EditCase, answer: str, pool: Pool, cfg: RunConfig,
+                  edited: bool, prefer: list[str | None] | None = None) -> CaseCircuits:
+    """Before the edit (edited=False): main and floor circuits for target_true. After it: main for target_new
+    and the old-answer control. Corrupted prompts never share target_true or target_new, by the data and by
+    the model on the current weights (bench/corrupt.py); after the edit set A tries the pre-edit partners first."""
+    tok, dev = bundle.tokenizer, bundle.device
+    set_a, set_b = prompt_sets(case)
+    accept = answer_check(bundle.model, tok, (case.target_true, case.target_new), dev)
+    pairs_a = prompt_pairs(tok, case, set_a, pool, cfg.seed, accept=accept, prefer=prefer or [])
+    pairs_b = prompt_pairs(tok, case, set_b, pool, cfg.seed, tag=":B", accept=accept, avoid=pairs_a.used)
+    batch_a, batch_b = pairs_a.batch(tok, answer, dev), pairs_b.batch(tok, answer, dev)
+    out = CaseCircuits(swapped=pairs_a.swapped)
+    if batch_a is None:
+        out.note = "no corrupted prompt of equal token length whose answer differs from both targets"
+        return out
+    out.main, out.seconds = find_circuit(bundle, batch_a, answer, cfg)
+    if batch_b is not None:
+        out.held_out = evaluate_circuit(bundle.bridge(), bundle.model, bundle.arch, out.main, batch_b)
+        if not edited:
+            out.floor, _ = find_circuit(bundle, batch_b, answer, cfg, evaluate=False)
+    if edited:
+        out.old_answer, _ = find_circuit(bundle, pairs_a.batch(tok, case.target_true, dev), case.target_true, cfg,
+                                         evaluate=False)
+    return out
+
+
+def _beyond(floor: float | None, value: float | None) -> float | None:
+    return None if floor is None or value is None else floor - value
+
+
+def circuit_fields(pre: CaseCircuits | None, post: CaseCircuits | None, layers: list[int]) -> dict[str, Any]:
+    """Per-case circuit columns (docs/circuits.md): overlaps with their noise floor, the changed-answer control,
+    in- and out-of-sample faithfulness (None when clean and ablated nearly coincide), the edited MLP's rank
+    and share among the circuit's nodes."""
+    if pre is None or post is None or pre.main is None or post.main is None:
+        note = (pre.note if pre is not None else None) or (post.note if post is not None else None)
+        return {"circuit_note": note or "no circuit"}
+    fields: dict[str, Any] = {f"circuit_{k}": v for k, v in overlap(pre.main, post.main).items()}
+    fields["circuit_graph"] = pre.main.graph
+    if pre.floor is not None:
+        floor = overlap(pre.main, pre.floor)
+        fields["circuit_edge_jaccard_floor"] = floor["edge_jaccard"]
+        fields["circuit_node_jaccard_floor"] = floor["node_jaccard"]
+    if post.old_answer is not None:
+        control = overlap(pre.main, post.old_answer)
+        fields["circuit_edge_jaccard_old_answer"] = control["edge_jaccard"]
+        fields["circuit_node_jaccard_old_answer"] = control["node_jaccard"]
+    floor_e = fields.get("circuit_edge_jaccard_floor")
+    fields["circuit_edge_jaccard_beyond_floor"] = _beyond(floor_e, fields["circuit_edge_jaccard"])
+    fields["circuit_node_jaccard_beyond_floor"] = _beyond(fields.get("circuit_node_jaccard_floor"),
+                                                          fields["circuit_node_jaccard"])
+    fields["circuit_old_answer_beyond_floor"] = _beyond(floor_e, fields.get("circuit_edge_jaccard_old_answer"))
+    fields["circuit_faithfulness_pre"] = reported_faithfulness(pre.main.metrics)
+    fields["circuit_faithfulness_post"] = reported_faithfulness(post.main.metrics)
+    fields["circuit_faithfulness_oos_pre"] = reported_faithfulness(pre.held_out)
+    fields["circuit_faithfulness_oos_post"] = reported_faithfulness(post.held_out)
+    for tag, circuit in (("pre", pre.main), ("post", post.main)):
+        rank, share = mlp_rank_and_share(circuit, layers)
+        fields[f"circuit_mlp_rank_{tag}"] = rank
+        fields[f"circuit_mlp_share_{tag}"] = share
+        fields[f"circuit_mlp_in_circuit_{tag}"] = float(rank is not None)
+        fields[f"circuit_n_nodes_{tag}"] = len(circuit.nodes)
     return fields
 
 
@@ -187,12 +274,11 @@ class CaseBefore:
 
     record: dict[str, Any]
     pre_next: torch.Tensor  # next-token log-probs on the neighbourhood prompts
-    circuit: Circuit | None
-    seconds_circuit: float
+    circuits: CaseCircuits | None
     locality_tokens: list[list[int]] | None = None  # pre-edit argmax tokens for EasyEdit locality
 
 
-def measure_before(bundle: ModelBundle, case: EditCase, pool: list[str], cfg: RunConfig) -> CaseBefore:
+def measure_before(bundle: ModelBundle, case: EditCase, pool: Pool, cfg: RunConfig) -> CaseBefore:
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     record: dict[str, Any] = {"case_id": case.case_id, "relation": case.relation, "subject": case.subject,
                               "target_true": case.target_true, "target_new": case.target_new}
@@ -200,26 +286,29 @@ def measure_before(bundle: ModelBundle, case: EditCase, pool: list[str], cfg: Ru
     record["scoring"] = case.scoring  # the dataset's primary family: "counterfact" (pre/post) or "zsre" (easyedit)
     record["pre_easyedit"], locality_tokens = easyedit_scores(model, tok, case, dev)
     pre_next = neighborhood_next_token(model, tok, case, dev)
-    pre_circuit, t_pre = find_circuit(bundle, case, case.target_true, pool, cfg) if cfg.circuits else (None, 0.0)
+    circuits = case_circuits(bundle, case, case.target_true, pool, cfg, edited=False) if cfg.circuits else None
     if cfg.relation_circuits:  # once per relation per run, on the pre-edit weights
         relation_circuits_for(bundle, cfg).before_edit(case.relation)
-    return CaseBefore(record, pre_next, pre_circuit, t_pre, locality_tokens)
+    return CaseBefore(record, pre_next, circuits, locality_tokens)
 
 
 def measure_after(bundle: ModelBundle, editor: Editor, case: EditCase, before: CaseBefore, layers: list[int],
-                  pool: list[str], cfg: RunConfig, circuit_dir: Path) -> dict[str, Any]:
+                  pool: Pool, cfg: RunConfig, circuit_dir: Path) -> dict[str, Any]:
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
-    record, pre_next, pre_circuit, t_pre = before.record, before.pre_next, before.circuit, before.seconds_circuit
+    record, pre_next, pre = before.record, before.pre_next, before.circuits
     edited = editor.evaluation_case(case)
     record["post"] = counterfact_scores(case_target_nll(model, tok, edited, dev))
     record["post_easyedit"], _ = easyedit_scores(model, tok, edited, dev, before.locality_tokens)
     record["post_generation"], record["post_generation_text"] = generation_metrics(model, tok, edited, dev)
     record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, edited, dev))
-    if cfg.circuits:
-        post_circuit, t_post = find_circuit(bundle, edited, case.target_new, pool, cfg)
-        record.update(circuit_fields(pre_circuit, post_circuit, layers))
-        record["seconds_circuit"] = (t_pre + t_post) / 2
-        _save_circuits(circuit_dir, case.case_id, pre_circuit, post_circuit)
+    if cfg.circuits and pre is not None:
+        same_prompts = edited.rewrite_prompt == case.rewrite_prompt and edited.paraphrases == case.paraphrases
+        post = case_circuits(bundle, edited, case.target_new, pool, cfg, edited=True,
+                             prefer=pre.swapped if same_prompts else None)
+        record.update(circuit_fields(pre, post, layers))
+        record["seconds_circuit"] = (pre.seconds + post.seconds) / 2
+        _save_circuits(circuit_dir, case.case_id, {"pre": pre.main, "pre-floor": pre.floor, "post": post.main,
+                                                   "post-old-answer": post.old_answer})
     if cfg.relation_circuits:
         record.update(relation_circuits_for(bundle, cfg).after_edit(case.relation, case.subject, circuit_dir,
                                                                     case.case_id))
@@ -269,7 +358,7 @@ def held_out_perplexity(bundle: ModelBundle, texts: tuple[str, ...] | None) -> f
     return None if texts is None else wiki_perplexity(bundle.model, bundle.tokenizer, bundle.device, list(texts))
 
 
-def run_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+def run_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Pool, cfg: RunConfig,
               circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False,
               ppl_pre: float | None = None) -> list[dict[str, Any]]:
     """Pre-scores of every case, the batch's edits, post-scores of every case, one record per case.
@@ -321,16 +410,17 @@ def run_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: 
                 restore(model, saved)  # roll back this batch only; the earlier edits stay
 
 
-def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str], cfg: RunConfig,
+def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: Pool, cfg: RunConfig,
              circuit_dir: Path) -> dict[str, Any]:
     """One case: a batch of one, restored afterwards."""
     return run_batch(bundle, editor, [case], pool, cfg, circuit_dir)[0]
 
 
-def _save_circuits(folder: Path, case_id: str, pre: Circuit | None, post: Circuit | None) -> None:
+def _save_circuits(folder: Path, case_id: str, circuits: dict[str, Circuit | None]) -> None:
+    """<case>.pre.json, <case>.post.json and the noise-floor and old-answer circuits beside them."""
     folder.mkdir(exist_ok=True)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(case_id))
-    for tag, circuit in (("pre", pre), ("post", post)):
+    for tag, circuit in circuits.items():
         if circuit is not None:
             circuit.save(folder / f"{safe}.{tag}.json")
 
@@ -372,7 +462,7 @@ def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Pool, cfg: RunConfig,
                    writer: RunWriter, guard: ModelGuard | None = None) -> list[dict[str, Any]]:
     """Edits accumulate over the whole run; a curve point goes to sequential.jsonl at 0 edits, after every
     eval_every edits and at the end. The edited state is checkpointed with every curve point (checkpoint.pt),
@@ -561,8 +651,9 @@ def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any
                 "model": bundle.provenance, "device": str(bundle.device),
                 "dataset": {"name": data.name, "path": data.path, "sha256": data.sha256, "split": data.split},
                 "cases": counts, "case_ids": [c.case_id for c in cases], "n_planned": len(cases),
-                "circuits": {"enabled": cfg.circuits, "method": "eap", "top_n": cfg.top_n,
-                             "metric": "log-prob of the answer's first token"},
+                "circuits": {"enabled": cfg.circuits, "method": "eap", "top_n": cfg.top_n, "graph": cfg.graph,
+                             "ablation": cfg.ablation, "metric": cfg.metric,
+                             "n_graph_edges": Graph.of(bundle.arch, cfg.graph).n_edges},
                 "mode": mode_manifest(cfg),
                 "perplexity": ppl_manifest(hparams, cfg.curve_ppl_texts if cfg.sequential else cfg.ppl_texts),
                 "config": vars(cfg)}
@@ -577,7 +668,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any
     if cfg.circuits or cfg.relation_circuits:
         warm_bridge(bundle)
     guard = ModelGuard.of(bundle.model, cfg.editor)
-    pool = sorted({c.subject for c in data.cases})
+    pool = CorruptionPool.from_cases(data.cases)
     return execute(bundle, editor, cases, pool, cfg, writer, guard)
 
 
@@ -598,16 +689,17 @@ def new_writer(cfg: RunConfig, manifest: dict[str, Any]) -> RunWriter:
     raise OSError(f"could not create a new run folder under {cfg.output}")
 
 
-def execute(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+def execute(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Pool, cfg: RunConfig,
             writer: RunWriter, guard: ModelGuard) -> tuple[Path, dict[str, Any]]:
     """Edits the cases not yet in the run folder and writes the summary with the run's final state:
     complete, interrupted (SIGINT or SIGTERM) or failed (systematic failures, a model left changed)."""
     status, error = "complete", None
-    extra: dict[str, Any] = {"seed": cfg.seed, "device": str(bundle.device), "top_n": cfg.top_n,
+    extra: dict[str, Any] = {"seed": cfg.seed, "device": str(bundle.device), "top_n": cfg.top_n, "graph": cfg.graph,
                              "mode": writer.manifest["mode"]["name"], "batch_size": cfg.batch_size,
                              **selection_counts(writer.manifest["cases"], cfg.only_known)}
     log.info("editing: %s on %d cases (%s mode, batch size %d)%s", cfg.editor, len(cases), extra["mode"],
-             cfg.batch_size, f", with pre/post circuits (EAP, top {cfg.top_n} edges)" if cfg.circuits else "")
+             cfg.batch_size, f", with pre/post circuits (EAP, top {cfg.top_n} edges, {cfg.graph} graph)" if cfg.circuits
+             else "")
     try:
         if cfg.sequential:
             extra.update(final_curve_fields(run_sequential(bundle, editor, cases, pool, cfg, writer, guard)))
@@ -645,7 +737,7 @@ def check_systematic(rows: list[dict[str, Any]]) -> None:
                                 f"and the run stopped: {failure_reasons(first)}")
 
 
-def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Pool, cfg: RunConfig,
                 writer: RunWriter, guard: ModelGuard | None = None) -> None:
     """Every batch not yet fully in cases.jsonl (a resumed run skips the others), each restored and the
     whole model verified against its original afterwards."""
@@ -686,7 +778,7 @@ def final_curve_fields(points: list[dict[str, Any]]) -> dict[str, Any]:
     return fields
 
 
-def _safe_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: list[str], cfg: RunConfig,
+def _safe_batch(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Pool, cfg: RunConfig,
                 circuit_dir: Path, batch_index: int = 0, keep_edits: bool = False,
                 ppl_pre: float | None = None) -> list[dict[str, Any]]:
     """Runs one batch; any exception fails that batch's cases only, recorded with its type, message and
@@ -738,7 +830,7 @@ def failed_record(case: EditCase, batch_index: int, exc: BaseException) -> dict[
             "reason": f"{type(exc).__name__}: {message}"[:500]}
 
 
-def _safe_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: list[str], cfg: RunConfig,
+def _safe_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: Pool, cfg: RunConfig,
                circuit_dir: Path) -> dict[str, Any]:
     """Runs one case; an exception inside the editor fails that case only (weights are restored)."""
     return _safe_batch(bundle, editor, [case], pool, cfg, circuit_dir)[0]

@@ -26,10 +26,23 @@ from typing import Callable, Sequence
 EDGE_PERCENTAGES: tuple[float, ...] = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
 
-def normalized_faithfulness(circuit: float, clean: float, corrupted: float) -> float:
-    """(circuit - corrupted) / (clean - corrupted); NaN when clean and corrupted coincide."""
+MIN_GAP = 0.1  # per-case reports: |clean - corrupted| below this (nats, or logits for logit-diff) is undefined
+
+
+def normalized_faithfulness(circuit: float, clean: float, corrupted: float, min_gap: float = 1e-9) -> float:
+    """(circuit - corrupted) / (clean - corrupted); NaN (undefined) when |clean - corrupted| < min_gap."""
     gap = clean - corrupted
-    return (circuit - corrupted) / gap if abs(gap) > 1e-9 else math.nan
+    return (circuit - corrupted) / gap if abs(gap) >= min_gap and gap != 0 else math.nan
+
+
+def reported_faithfulness(metrics: dict[str, float], min_gap: float = MIN_GAP) -> float | None:
+    """A circuit's faithfulness for a per-case report: None (undefined, left out of means) when clean and
+    ablated differ by less than min_gap, where the ratio of two near-equal numbers is noise."""
+    if not metrics or "metric_clean" not in metrics:
+        return None
+    value = normalized_faithfulness(metrics["metric_circuit"], metrics["metric_clean"], metrics["metric_corrupted"],
+                                    min_gap)
+    return None if math.isnan(value) else value
 
 
 def edges_at(percent: float, n_edges: int) -> int:

@@ -19,6 +19,7 @@ from bench.arch import ArchSpec
 from circuits.ablation import ablated_outputs
 from circuits.activations import PairBatch, SenderCapture, embed_hooks
 from circuits.graph import Graph
+from circuits.curve import normalized_faithfulness
 from circuits.metrics import Metric, prepared_metric
 from circuits.ungroup import kv_layout
 
@@ -109,6 +110,5 @@ def circuit_metrics(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: 
     circuit_logits = patched_logits(bridge, model, arch, graph, batch, keep, ablated)
     values = torch.stack([measure(x, batch).mean() for x in (clean_logits, corrupt_logits, circuit_logits)])
     clean, corrupted, circuit = values.tolist()
-    denom = clean - corrupted
-    faith = (circuit - corrupted) / denom if abs(denom) > 1e-9 else float("nan")
+    faith = normalized_faithfulness(circuit, clean, corrupted)  # NaN (undefined) when clean ~ corrupted
     return {"metric_clean": clean, "metric_corrupted": corrupted, "metric_circuit": circuit, "faithfulness": faith}

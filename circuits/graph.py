@@ -182,6 +182,20 @@ class Graph:
     def edge_name(self, upstream: int, receiver: int) -> str:
         return f"{self.upstream_names[upstream]}->{self.receiver_names[receiver]}"
 
+    @cached_property
+    def _positions(self) -> tuple[dict[str, int], dict[str, int]]:
+        return ({n: i for i, n in enumerate(self.upstream_names)}, {n: j for j, n in enumerate(self.receiver_names)})
+
     def parse_edge(self, name: str) -> tuple[int, int]:
         up, recv = name.split("->")
-        return self.upstream_names.index(up), self.receiver_names.index(recv)
+        senders, receivers = self._positions
+        if up not in senders or recv not in receivers:
+            raise ValueError(f"edge '{name}' is not in the {self.kind} graph of this model")
+        return senders[up], receivers[recv]
+
+    def mask_of(self, edge_names) -> torch.Tensor:
+        """[n_upstream, n_receivers] bool mask of the named edges."""
+        keep = torch.zeros(self.n_upstream, self.n_receivers, dtype=torch.bool)
+        for name in edge_names:
+            keep[self.parse_edge(name)] = True
+        return keep

@@ -76,7 +76,9 @@ def test_rome_case_restores_bitwise_and_scores(tiny_model, tmp_path, monkeypatch
     # a random-init model is no test of efficacy (the SmolLM2 test is); the edit must change the outputs
     assert record["post"]["p_new"] != record["pre"]["p_new"]
     assert record["drift_kl"] > 0.0
-    assert 0.0 <= record["circuit_edge_jaccard"] <= 1.0 and record["circuit_faithfulness_pre"] is not None
+    assert 0.0 <= record["circuit_edge_jaccard"] <= 1.0
+    # None where clean and corrupted differ by under 0.1 nats, as on this random model (circuits/curve.py)
+    assert "circuit_faithfulness_pre" in record
 
 
 def test_cli_bad_names_exit_2_with_valid_names(capsys):
@@ -120,7 +122,9 @@ def test_end_to_end_tiny_run_writes_the_contract(tmp_path, monkeypatch, device):
     assert summary["efficacy_score"] == pytest.approx(expected_es)
     es = summary["metrics"]["efficacy_score"]
     assert es["family"] == "counterfact" and es["n"] == len(ok) and es["mean"] == pytest.approx(expected_es)
-    assert len(list((run_dir / "circuits").glob("*.json"))) == 2 * len(ok)
+    circuit_files = run_dir / "circuits"
+    assert len(list(circuit_files.glob("*.pre.json"))) == len(list(circuit_files.glob("*.post.json"))) == len(ok)
+    assert len(list(circuit_files.glob("*.json"))) == 4 * len(ok)  # + noise floor, old-answer control
     assert main(["leaderboard", "--runs", str(out), "--output", str(tmp_path / "lb.md")]) == 0
     board = (tmp_path / "lb.md").read_text()
     assert "| rome" in board and "tiny-gpt2" in board

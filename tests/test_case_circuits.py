@@ -1,0 +1,124 @@
+"""Per-case circuit measures of `bench run`: nodes after pruning, the edited MLP's rank and share, corrupting
+subjects that never share an answer, disjoint prompt sets, noise floor, old-answer control and held-out
+faithfulness. Hand-built circuits and a tiny-model run."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from bench.corrupt import CorruptionPool, corrupted_prompt, prompt_pairs, prompt_sets
+from bench.data import EditCase
+from bench.run import CaseCircuits, RunConfig, circuit_fields, run_case
+from circuits.circuit import Circuit, circuit_nodes, mlp_rank_and_share, node_attribution
+from circuits.curve import reported_faithfulness
+from circuits.graph import Graph
+from editors.base import get_editor
+
+
+def circuit_of(edges: dict[str, float], nodes: list[str] | None = None, metrics=None) -> Circuit:
+    senders = sorted({name.split("->")[0] for name in edges})
+    return Circuit("eap", "x", edges, nodes if nodes is not None else senders, 100, metrics or {}, graph="ungrouped")
+
+
+def test_nodes_count_only_on_input_to_logits_paths():
+    g = Graph(2, 2, 2)
+    keep = torch.zeros(g.n_upstream, g.n_receivers, dtype=torch.bool)
+    for name in ("input->a0.h1<q>", "a0.h1->a1.h0<k>", "a1.h0->logits",  # a path
+                 "input->m1",  # m1 reaches nothing: input counts (it has the path above), m1 does not
+                 "m0->a1.h1<v>"):  # m0 has no input edge and a1.h1 no output: neither counts
+        keep[g.parse_edge(name)] = True
+    assert circuit_nodes(keep, g) == ["a0.h1", "a1.h0", "input"]
+
+
+def test_mlp_rank_and_share_by_hand():
+    c = circuit_of({"input->m0": 1.0, "m0->a1.h0<q>": -3.0, "a1.h0->logits": 4.0, "m0->logits": 2.0})
+    # |score| sums per sender: input 1, m0 3 + 2 = 5, a1.h0 4; total 10
+    assert node_attribution(c) == pytest.approx({"input": 0.1, "m0": 0.5, "a1.h0": 0.4})
+    assert mlp_rank_and_share(c, [0]) == (1, pytest.approx(0.5))
+    assert mlp_rank_and_share(c, [1]) == (None, 0.0)
+    assert mlp_rank_and_share(c, [0, 1]) == (1, pytest.approx(0.5))
+
+
+def test_reported_faithfulness_leaves_tiny_gaps_undefined():
+    assert reported_faithfulness({"metric_clean": -1.0, "metric_corrupted": -5.0, "metric_circuit": -2.0}) == 0.75
+    assert reported_faithfulness({"metric_clean": -1.0, "metric_corrupted": -1.05, "metric_circuit": -3.0}) is None
+    assert reported_faithfulness({}) is None
+
+
+def a_case(**kw) -> EditCase:
+    base = dict(case_id="c1", relation="capital", subject="France", prompt="The capital of {} is",
+                target_true="Paris", target_new="Rome",
+                paraphrases=("France's capital is", "The capital city of France is", "France has its capital in"),
+                neighborhood=(("The capital of Spain is", "Madrid"),))
+    base.update(kw)
+    return EditCase(**base)
+
+
+def test_prompt_sets_are_disjoint_and_cover_every_prompt():
+    a, b = prompt_sets(a_case())
+    assert a == ["The capital of France is", "The capital city of France is"]
+    assert b == ["France's capital is", "France has its capital in"]
+
+
+def test_corrupting_subjects_never_share_either_answer(tiny_model):
+    tok = tiny_model.tokenizer
+    cases = [a_case(), a_case(case_id="c2", subject="Italy", target_true="Rome"),
+             a_case(case_id="c3", subject="Japan", target_true="Tokyo"),
+             a_case(case_id="c4", subject="Frankia", target_true="Paris")]
+    pool = CorruptionPool.from_cases(cases)
+    assert pool.candidates("The capital of France is", "France", ("Paris", "Rome")) == ["Japan"]
+    for seed in range(5):
+        ids = corrupted_prompt(tok, "The capital of France is", "France", pool, random.Random(seed),
+                               forbidden=("Paris", "Rome"))
+        assert ids is None or "Japan" in tok.decode(ids)
+    # the model check: a candidate whose corrupted prompt the model answers with a banned token is skipped
+    never = corrupted_prompt(tok, "The capital of France is", "France", ["Spain", "Italy"], random.Random(0),
+                             accept=lambda ids: False)
+    assert never is None
+    pairs = prompt_pairs(tok, a_case(), ["The capital of France is"], ["Spain", "Italy", "Chile", "Peru"], seed=0,
+                         prefer=["Peru"], avoid=["Chile"])
+    assert pairs.swapped in (["Peru"], ["Spain"], ["Italy"], [None])
+    if pairs.swapped[0] is not None:
+        assert pairs.swapped[0] != "Chile"
+
+
+def test_circuit_fields_from_hand_built_circuits():
+    metrics = {"metric_clean": -1.0, "metric_corrupted": -5.0, "metric_circuit": -2.0}
+    pre = CaseCircuits(main=circuit_of({"input->m0": 1.0, "m0->logits": 3.0}, metrics=metrics),
+                       floor=circuit_of({"input->m0": 1.0, "input->logits": 1.0}),
+                       held_out={"metric_clean": -1.0, "metric_corrupted": -1.01, "metric_circuit": 0.0})
+    post = CaseCircuits(main=circuit_of({"input->m1": 1.0, "m1->logits": 3.0, "input->logits": 0.5}, metrics=metrics),
+                        old_answer=circuit_of({"input->m0": 1.0, "m0->logits": 3.0, "m1->logits": 1.0}),
+                        held_out=metrics)
+    f = circuit_fields(pre, post, layers=[1])
+    assert f["circuit_edge_jaccard"] == 0.0 and f["circuit_edge_jaccard_floor"] == pytest.approx(1 / 3)
+    assert f["circuit_edge_jaccard_beyond_floor"] == pytest.approx(1 / 3)
+    assert f["circuit_edge_jaccard_old_answer"] == pytest.approx(2 / 3)
+    assert f["circuit_old_answer_beyond_floor"] == pytest.approx(1 / 3 - 2 / 3)
+    assert f["circuit_faithfulness_pre"] == 0.75 and f["circuit_faithfulness_oos_post"] == 0.75
+    assert f["circuit_faithfulness_oos_pre"] is None  # gap 0.01: undefined
+    assert f["circuit_mlp_rank_pre"] is None and f["circuit_mlp_share_pre"] == 0.0
+    assert f["circuit_mlp_rank_post"] == 1 and f["circuit_mlp_share_post"] == pytest.approx(3 / 4.5)
+    assert f["circuit_graph"] == "ungrouped"
+
+
+def test_run_case_writes_every_circuit_column(tiny_model, tmp_path):
+    pool = CorruptionPool.from_cases([a_case()] + [a_case(case_id=f"o{i}", subject=s, target_true=t)
+                                                   for i, (s, t) in enumerate([("Spain", "Madrid"), ("Chile", "Lima"),
+                                                                               ("Italy", "Milan"), ("Peru", "Quito")])])
+    editor = get_editor("ft")(tiny_model, {"layers": [1], "lr": 5e-4, "num_steps": 2, "norm_constraint": 5e-4,
+                                        "weight_decay": 0})
+    record = run_case(tiny_model, editor, a_case(), pool, RunConfig(editor="ft", top_n=30, ppl_texts=0), tmp_path)
+    assert record["status"] == "ok", record.get("reason")
+    if "circuit_note" in record:
+        pytest.skip(f"no corrupted partner on this tiny tokenizer: {record['circuit_note']}")
+    for key in ("circuit_edge_jaccard", "circuit_edge_jaccard_floor", "circuit_edge_jaccard_beyond_floor",
+                "circuit_edge_jaccard_old_answer", "circuit_mlp_share_post", "circuit_mlp_in_circuit_post"):
+        assert key in record and (record[key] is None or math.isfinite(record[key])), key
+    assert record["circuit_graph"] == "ungrouped"
+    assert {p.name.split(".", 1)[1] for p in tmp_path.glob("*.json")} >= {"pre.json", "post.json",
+                                                                          "pre-floor.json", "post-old-answer.json"}
