@@ -41,16 +41,25 @@ class Circuit:
     node_scores: dict[str, float] = field(default_factory=dict)  # node level only
     graph: str = "grouped"  # "ungrouped" (EAP-IG/MIB, the default of discover) or "grouped"; files that predate
     # the field were built on the grouped graph
+    scores: torch.Tensor | None = field(default=None, repr=False, compare=False)  # every edge's score, in memory
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "scores"}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Circuit:
         return cls(**data)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, with_scores: bool = False) -> None:
+        """The circuit JSON; with_scores also writes every edge's score to <path stem>.scores.pt
+        (what `bench circuit-export` needs for MIB's format)."""
         path.write_text(json.dumps(self.to_json()))
+        if with_scores and self.scores is not None:
+            torch.save(self.scores.detach().cpu().float(), scores_path(path))
+
+
+def scores_path(circuit_path: Path) -> Path:
+    return circuit_path.with_name(circuit_path.name.removesuffix(".json") + ".scores.pt")
 
 
 def circuit_nodes(keep: torch.Tensor, graph: Graph) -> list[str]:
@@ -124,12 +133,13 @@ def discover(bridge: Any, model: torch.nn.Module, arch: Any, batch: PairBatch, a
     edges = {g.edge_name(u, r): v for u, r, v in zip(up.tolist(), recv.tolist(), values)}
     metrics = circuit_metrics(bridge, model, arch, g, batch, keep, measure.name, ablation, reference) if evaluate else {}
     settings = {"top_n": top_n, "threshold": threshold, "pruned": prune_dead, "n_selected": n_selected,
+                "shape": {"n_layers": arch.n_layers, "n_heads": arch.n_heads, "d_model": arch.d_model},
                 "ig_steps": ig_steps if method.startswith("eap-ig") else None}
     nodes_scored = ({g.upstream_names[i]: float(v) for i, v in enumerate(node_values.tolist())}
                     if node_values is not None else {})
     return Circuit(method, answer, edges, circuit_nodes(keep, g), g.n_edges, metrics,
                    ablation=ablation, metric=measure.name, selection=selection, level=level,
-                   settings=settings, node_scores=nodes_scored, graph=g.kind)
+                   settings=settings, node_scores=nodes_scored, graph=g.kind, scores=scores.detach().cpu())
 
 
 def evaluate_circuit(bridge: Any, model: torch.nn.Module, arch: Any, circuit: Circuit, batch: PairBatch,

@@ -15,6 +15,12 @@ of edges on a linear scale (0.001 ... 1, no point added at 0), and each interval
     CMD = sum_i (x_{i+1} - x_i) * (|1 - f_i| + |1 - f_{i+1}|) / 2  (lower is better)
 
 The x range is 0.999 wide, so a perfect circuit at every size has CPR 0.999 and CMD 0, as in MIB.
+
+Edge selection per area, as MIB's code (MIB-circuit-track `run_evaluation.py --absolute`, `print_results.py`
+keeps the abs-False results for CPR and the abs-True ones for CMD; `evaluate_area_under_curve` calls
+`apply_topn(k, absolute, prune=True)`): CPR's circuits are the top-k edges by SIGNED score, CMD's the top-k by
+|score|, each pruned to input -> logits paths before it is evaluated (`mib_curves`). `faithfulness_curve`
+evaluates whatever top-k circuit its callback builds (a single curve for both areas).
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
+
+import torch
+
+from circuits.graph import Graph
+from circuits.selection import prune, top_edges
 
 EDGE_PERCENTAGES: tuple[float, ...] = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 
@@ -82,3 +93,21 @@ def faithfulness_curve(faithfulness_of_top: Callable[[int], float], n_edges: int
     areas = curve_areas([p.percent / 100 for p in points], [p.faithfulness for p in points])
     return {"x_axis": "fraction of the graph's edges (linear), trapezoid rule, as MIB",
             "points": [asdict(p) for p in points], **areas}
+
+
+def mib_curves(scores: torch.Tensor, graph: Graph, faithfulness_of: Callable[[torch.Tensor], float],
+               percentages: Sequence[float] = EDGE_PERCENTAGES) -> dict:
+    """MIB's CPR (top-k by signed score) and CMD (top-k by |score|) from two curves of pruned circuits;
+    faithfulness_of(keep) evaluates a boolean [n_upstream, n_receivers] edge mask."""
+    out: dict = {"x_axis": "fraction of the graph's edges (linear), trapezoid rule, as MIB",
+                 "selection": {"cpr": "top-k edges by signed score, pruned (MIB abs-False)",
+                               "cmd": "top-k edges by |score|, pruned (MIB abs-True)"}}
+    for area, absolute in (("cpr", False), ("cmd", True)):
+        points = []
+        for percent in percentages:
+            k = edges_at(percent, graph.n_edges)
+            keep = prune(top_edges(scores, graph, k, absolute=absolute), graph)
+            points.append(CurvePoint(percent, k, float(faithfulness_of(keep))))
+        out[area] = curve_areas([p.percent / 100 for p in points], [p.faithfulness for p in points])[area]
+        out[f"{area}_points"] = [asdict(p) for p in points]
+    return out

@@ -1,6 +1,7 @@
 """Turning scores into a circuit: top-n, threshold and greedy selection, node-level circuits, pruning.
 
-All selections rank by |score| over existing edges and return a boolean [n_upstream, n_receivers] mask.
+All selections rank by |score| over existing edges (top-n can also rank by signed score, for MIB's CPR)
+and return a boolean [n_upstream, n_receivers] mask.
 
 - `top-n`: the n edges with largest |score|.
 - `threshold`: every edge with |score| >= t.
@@ -24,14 +25,16 @@ from circuits.graph import Graph
 SELECTIONS = ("top-n", "threshold", "greedy")
 
 
-def _ranked(scores: torch.Tensor, graph: Graph) -> torch.Tensor:
-    """|scores| with non-edges at -1."""
-    return scores.abs().masked_fill(~graph.edge_mask.to(scores.device), -1.0)
+def _ranked(scores: torch.Tensor, graph: Graph, absolute: bool = True) -> torch.Tensor:
+    """|scores| (or the signed scores) with non-edges at -inf."""
+    values = scores.abs() if absolute else scores
+    return values.masked_fill(~graph.edge_mask.to(scores.device), -float("inf"))
 
 
-def top_edges(scores: torch.Tensor, graph: Graph, n: int) -> torch.Tensor:
-    """Boolean [n_upstream, n_receivers] mask of the n existing edges with largest |score|."""
-    flat = _ranked(scores, graph).flatten()
+def top_edges(scores: torch.Tensor, graph: Graph, n: int, absolute: bool = True) -> torch.Tensor:
+    """Boolean [n_upstream, n_receivers] mask of the n existing edges with largest |score| (absolute=False:
+    largest signed score, as MIB's CPR curve)."""
+    flat = _ranked(scores, graph, absolute).flatten()
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.topk(min(max(n, 0), graph.n_edges)).indices] = True
     return keep.view_as(scores)

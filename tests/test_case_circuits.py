@@ -16,7 +16,7 @@ from bench.run import CaseCircuits, RunConfig, circuit_fields, run_case
 from circuits.circuit import Circuit, circuit_nodes, mlp_rank_and_share, node_attribution
 from circuits.curve import reported_faithfulness
 from circuits.graph import Graph
-from editors.base import get_editor
+from editors.base import get_editor, load_hparams
 
 
 def circuit_of(edges: dict[str, float], nodes: list[str] | None = None, metrics=None) -> Circuit:
@@ -110,9 +110,9 @@ def test_run_case_writes_every_circuit_column(tiny_model, tmp_path):
     pool = CorruptionPool.from_cases([a_case()] + [a_case(case_id=f"o{i}", subject=s, target_true=t)
                                                    for i, (s, t) in enumerate([("Spain", "Madrid"), ("Chile", "Lima"),
                                                                                ("Italy", "Milan"), ("Peru", "Quito")])])
-    editor = get_editor("ft")(tiny_model, {"layers": [1], "lr": 5e-4, "num_steps": 2, "norm_constraint": 5e-4,
-                                        "weight_decay": 0})
-    record = run_case(tiny_model, editor, a_case(), pool, RunConfig(editor="ft", top_n=30, ppl_texts=0), tmp_path)
+    hparams, _ = load_hparams("ft-m", tiny_model.name, tiny_model.arch.family)
+    editor = get_editor("ft-m")(tiny_model, dict(hparams, num_steps=2))
+    record = run_case(tiny_model, editor, a_case(), pool, RunConfig(editor="ft-m", top_n=30, ppl_texts=0), tmp_path)
     assert record["status"] == "ok", record.get("reason")
     if "circuit_note" in record:
         pytest.skip(f"no corrupted partner on this tiny tokenizer: {record['circuit_note']}")
