@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metric", choices=["logprob", "logit-diff", "match-nll"], default="logprob",
                      help="circuit metric: log-prob of the answer (default), logit difference to the corrupted "
                           "answer, or KC's match-NLL")
+    run.add_argument("--save-scores", action="store_true",
+                     help="also save every edge's score beside the pre/post circuits (<case>.pre.scores.pt, ~1 MB "
+                          "each on SmolLM2), for `bench circuit-export` to MIB's format")
     run.add_argument("--relation-circuits", action="store_true",
                      help="also rediscover each case's relation circuit after the edit: overlap and Hit@10 change")
     run.add_argument("--batch-size", type=int, default=1,
@@ -133,7 +136,7 @@ def _run_config(args: argparse.Namespace):
                      circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=args.known_only,
                      batch_size=args.batch_size, sequential=args.sequential, relation_circuits=args.relation_circuits,
                      eval_every=5 if args.eval_every is None else args.eval_every, ppl_texts=args.ppl_texts,
-                     graph=args.graph, ablation=args.ablation, metric=args.metric)
+                     graph=args.graph, ablation=args.ablation, metric=args.metric, save_scores=args.save_scores)
 
 
 def _given_options(args: argparse.Namespace) -> dict:
@@ -141,7 +144,7 @@ def _given_options(args: argparse.Namespace) -> dict:
     given = {key: getattr(args, key) for key, default in RUN_DEFAULTS.items() if getattr(args, key) != default}
     given.update({"editor": args.editor} if args.editor else {})
     flags = {"no_circuits": ("circuits", False), "known_only": ("only_known", True), "sequential": ("sequential", True),
-             "relation_circuits": ("relation_circuits", True)}
+             "relation_circuits": ("relation_circuits", True), "save_scores": ("save_scores", True)}
     given.update({name: value for flag, (name, value) in flags.items() if getattr(args, flag)})
     return given
 

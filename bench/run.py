@@ -79,6 +79,7 @@ class RunConfig:
     graph: str = DEFAULT_GRAPH  # circuit graph: "ungrouped" (EAP-IG/MIB) or "grouped" k/v receivers
     ablation: str = "corrupted"  # circuits: corrupted | zero | mean
     metric: str = "logprob"  # circuits: logprob | logit-diff | match-nll
+    save_scores: bool = False  # every edge's score beside the pre/post circuits (for bench circuit-export)
     only_known: bool = False  # the harness's known-fact filter (--known-only); protocols edit every record
     relation_circuits: bool = False  # also the case's relation circuit before/after the edit (circuits/relation.py)
     batch_size: int = 1  # cases per apply (batched editors) or per restore (the others)
@@ -308,7 +309,7 @@ def measure_after(bundle: ModelBundle, editor: Editor, case: EditCase, before: C
         record.update(circuit_fields(pre, post, layers))
         record["seconds_circuit"] = (pre.seconds + post.seconds) / 2
         _save_circuits(circuit_dir, case.case_id, {"pre": pre.main, "pre-floor": pre.floor, "post": post.main,
-                                                   "post-old-answer": post.old_answer})
+                                                   "post-old-answer": post.old_answer}, cfg.save_scores)
     if cfg.relation_circuits:
         record.update(relation_circuits_for(bundle, cfg).after_edit(case.relation, case.subject, circuit_dir,
                                                                     case.case_id))
@@ -416,13 +417,15 @@ def run_case(bundle: ModelBundle, editor: Editor, case: EditCase, pool: Pool, cf
     return run_batch(bundle, editor, [case], pool, cfg, circuit_dir)[0]
 
 
-def _save_circuits(folder: Path, case_id: str, circuits: dict[str, Circuit | None]) -> None:
-    """<case>.pre.json, <case>.post.json and the noise-floor and old-answer circuits beside them."""
+def _save_circuits(folder: Path, case_id: str, circuits: dict[str, Circuit | None], with_scores: bool = False
+                   ) -> None:
+    """<case>.pre.json, <case>.post.json and the noise-floor and old-answer circuits beside them; with_scores
+    also every edge's score of the pre and post circuits (<case>.pre.scores.pt, <case>.post.scores.pt)."""
     folder.mkdir(exist_ok=True)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(case_id))
     for tag, circuit in circuits.items():
         if circuit is not None:
-            circuit.save(folder / f"{safe}.{tag}.json")
+            circuit.save(folder / f"{safe}.{tag}.json", with_scores=with_scores and tag in ("pre", "post"))
 
 
 # --- sequential (lifelong) editing ---------------------------------------------------------------

@@ -4,6 +4,7 @@ faithfulness. Hand-built circuits and a tiny-model run."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -122,3 +123,76 @@ def test_run_case_writes_every_circuit_column(tiny_model, tmp_path):
     assert record["circuit_graph"] == "ungrouped"
     assert {p.name.split(".", 1)[1] for p in tmp_path.glob("*.json")} >= {"pre.json", "post.json",
                                                                           "pre-floor.json", "post-old-answer.json"}
+
+
+# --- MIB: CPR/CMD edge selection and the export format -------------------------------------------------
+
+
+def eap_ig_edge_names(n_layers: int, n_heads: int) -> set[str]:
+    """EAP-IG's `Graph.from_model` edge list for a sequential (not parallel) model, enumerated here from its
+    rules: every earlier residual node feeds each head's q, k and v and the MLP; all of them feed the logits."""
+    residual, names = ["input"], set()
+    for layer in range(n_layers):
+        heads = [f"a{layer}.h{h}" for h in range(n_heads)]
+        names |= {f"{u}->{h}<{p}>" for u in residual for h in heads for p in "qkv"}
+        residual += heads
+        names |= {f"{u}->m{layer}" for u in residual}
+        residual.append(f"m{layer}")
+    return names | {f"{u}->logits" for u in residual}
+
+
+def test_mib_export_has_eap_igs_edges_scores_and_membership(tiny_model, tmp_path):
+    from bench.cli import main
+    from circuits.circuit import discover, scores_path
+    from circuits.mib import mib_graph
+    from tests.test_circuit_methods import batch_of
+
+    arch = tiny_model.arch
+    c = discover(tiny_model.bridge(), tiny_model.model, arch, batch_of(tiny_model), " Paris", top_n=25)
+    exported = mib_graph(c, c.scores)
+    assert set(exported["edges"]) == eap_ig_edge_names(arch.n_layers, arch.n_heads)
+    assert {n for n, e in exported["edges"].items() if e["in_graph"]} == set(c.edges)
+    g = Graph.of(arch)
+    some = next(iter(c.edges))
+    assert exported["edges"][some]["score"] == pytest.approx(float(c.scores[g.parse_edge(some)]))
+    assert {n for n, v in exported["nodes"].items() if v["in_graph"]} == set(c.nodes) | {"logits"}
+    assert exported["cfg"] == {"n_layers": arch.n_layers, "n_heads": arch.n_heads, "parallel_attn_mlp": False,
+                               "d_model": arch.d_model}
+    path = tmp_path / "c.json"
+    c.save(path, with_scores=True)
+    assert scores_path(path).is_file()
+    assert main(["circuit-export", str(path), "--output", str(tmp_path / "mib.json")]) == 0
+    assert json.loads((tmp_path / "mib.json").read_text()) == exported
+    grouped = discover(tiny_model.bridge(), tiny_model.model, arch, batch_of(tiny_model), " Paris", top_n=5,
+                       graph="grouped", evaluate=False)
+    if arch.n_kv_heads != arch.n_heads:
+        with pytest.raises(ValueError, match="ungrouped"):
+            mib_graph(grouped, grouped.scores)
+    (tmp_path / "bare.json").write_text(path.read_text())
+    assert main(["circuit-export", str(tmp_path / "bare.json")]) == 2  # no scores file: a one-line error
+
+
+def test_mib_curves_select_signed_for_cpr_and_absolute_for_cmd():
+    from circuits.curve import EDGE_PERCENTAGES, curve_areas, edges_at, mib_curves
+    from circuits.selection import prune
+
+    g = Graph(2, 2, 2)
+    edges = g.edge_mask.nonzero()
+    scores = torch.zeros(g.n_upstream, g.n_receivers)
+    values = torch.linspace(-1.0, 0.5, len(edges))  # the largest |score| are negative
+    scores[edges[:, 0], edges[:, 1]] = values[torch.randperm(len(edges), generator=torch.Generator().manual_seed(0))]
+
+    def faithfulness_of(keep: torch.Tensor) -> float:  # a stand-in evaluation: the kept signed mass
+        return float(scores[keep].sum())
+
+    out = mib_curves(scores, g, faithfulness_of)
+    for area, absolute in (("cpr", False), ("cmd", True)):
+        ranked = (scores.abs() if absolute else scores).masked_fill(~g.edge_mask, -float("inf")).flatten()
+        ys = []
+        for p in EDGE_PERCENTAGES:
+            keep = torch.zeros(ranked.numel(), dtype=torch.bool)
+            keep[ranked.argsort(descending=True)[: edges_at(p, g.n_edges)]] = True
+            ys.append(faithfulness_of(prune(keep.view_as(scores), g)))
+        assert [pt["faithfulness"] for pt in out[f"{area}_points"]] == pytest.approx(ys)
+        assert out[area] == pytest.approx(curve_areas([p / 100 for p in EDGE_PERCENTAGES], ys)[area])
+    assert out["cpr_points"] != out["cmd_points"]  # the two rules pick different circuits here
