@@ -177,16 +177,9 @@ def find_circuit(bundle: ModelBundle, batch: PairBatch | None, answer: str, cfg:
         return None, 0.0
     start = time.perf_counter()
     circuit = discover(bundle.bridge(), bundle.model, bundle.arch, batch, answer, top_n=cfg.top_n,
-                       graph=cfg.graph, ablation=cfg.ablation, metric=circuit_metric(cfg.metric), evaluate=evaluate)
+                       graph=cfg.graph, ablation=cfg.ablation, metric=cfg.metric, evaluate=evaluate)
     sync(bundle.device)
     return circuit, time.perf_counter() - start
-
-
-def circuit_metric(name: str) -> str:
-    """The circuits package's name for a `bench run --metric` choice (KC's match-NLL is its nll-diff)."""
-    from circuits.metrics import METRICS
-
-    return "nll-diff" if name == "match-nll" and name not in METRICS else name
 
 
 @dataclass

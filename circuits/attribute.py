@@ -300,9 +300,6 @@ def _eap_ig_scores(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: G
                    steps: int, metric: str | Metric, ablation: str, reference: PairBatch | None) -> torch.Tensor:
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    if steps > 1 and ablation != "corrupted":  # as EAP-IG: its inputs method interpolates toward corrupted inputs
-        raise ValueError(f"eap-ig interpolates the input embeddings toward the corrupted prompt; with {ablation} "
-                         "ablation use eap-ig-activations")
     ablated, prepared, acc, scores = _setup(bridge, model, arch, graph, batch, metric, ablation, reference)
     acc.weight = 1.0 / steps
     acc.buffer = steps > 1  # every step's receiver gradients are summed; the last step scores the sum

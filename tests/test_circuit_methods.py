@@ -523,5 +523,5 @@ def test_discover_records_its_choices_and_round_trips(tiny_model, method, tmp_pa
     assert Circuit.from_json(old).ablation == "corrupted"  # spine-era files still load
     with pytest.raises(ValueError):
         discover(bundle.bridge(), bundle.model, bundle.arch, batch, " Paris", method="acdc")
-    with pytest.raises(ValueError, match="eap-ig-activations"):  # as EAP-IG: inputs IG needs corrupted inputs
+    with pytest.raises(ValueError, match="needs --ablation corrupted"):  # as EAP-IG: inputs IG needs corrupted
         discover(bundle.bridge(), bundle.model, bundle.arch, batch, " Paris", method="eap-ig", ablation="mean")
