@@ -20,7 +20,7 @@ def test_rome_on_smollm2_end_to_end(tmp_path, device):
     hp = tmp_path / "rome.yaml"
     hp.write_text(yaml.safe_dump(hparams))
     out = tmp_path / "runs"
-    code = main(["run", "--editor", "rome", "--n", "2", "--output", str(out), "--hparams", str(hp),
+    code = main(["run", "--editor", "rome", "--n", "2", "--known-only", "--output", str(out), "--hparams", str(hp),
                  "--device", device])
     assert code == 0
     (run_dir,) = out.iterdir()
