@@ -77,11 +77,6 @@ def target_logprob_from_logits(logits: torch.Tensor, batch: TargetBatch) -> torc
     return target_token_logprobs_from_logits(logits, batch).sum(-1)
 
 
-def target_mean_nll_from_logits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """Mean per-token negative log-likelihood of each row's target, as ROME's evaluation scores it: [B]."""
-    return -target_token_logprobs_from_logits(logits, batch).sum(-1) / batch.target_mask.sum(-1)
-
-
 def target_logprobs(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return target_logprob_from_logits(logits.float(), batch)
