@@ -171,7 +171,7 @@ def test_known_only_with_nothing_known_is_a_one_line_error(tmp_path, capsys, one
     code = main(["run", "--editor", "ft-l", "--model", "tiny-gpt2", "--known-only", "--no-circuits", "--ppl-texts", "0",
                  "--output", str(tmp_path / "runs")])
     err = capsys.readouterr().err
-    assert code == 2 and "error: no case to edit in facts:" in err and "not known to the model" in err
+    assert code == 2 and "error: no case to edit: none of the" in err and "is known to the model" in err
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
