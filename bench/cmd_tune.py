@@ -3,8 +3,8 @@
 Every grid point is the editor's hyperparameters (its file for the model, or --hparams) with the point's values
 substituted; each point edits the same dev cases (`facts:dev`, disjoint from the `facts` test split that
 `bench run` and the leaderboard report; see bench/data.py SPLIT_RULE), one at a time with a restore in
-between, and is scored as `bench run` scores (ES, PS, NS and ROME's score S, their harmonic mean; held-out
-perplexity before and after). A point collapses when the mean perplexity ratio after/before exceeds
+between, and is scored with `bench run`'s post-edit CounterFact scores (ES, PS, NS, and ROME's score S, their
+harmonic mean; a failed case counts 0) and the held-out perplexity before and after. A point collapses when the mean perplexity ratio after/before exceeds
 COLLAPSE_PPL_RATIO or is not finite. The chosen point is the non-collapsed one with the highest S (ties: the
 higher ES, then grid order); when every point collapses the highest S is still written, marked so.
 
@@ -23,7 +23,6 @@ import itertools
 import logging
 import math
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +120,31 @@ def trace_peak_layer(bundle, cases, seed: int) -> int:
     return max(range(len(curve)), key=lambda layer: curve[layer])
 
 
-def evaluate_point(bundle, editor, cases, data_cases, cfg, folder: Path) -> list[dict[str, Any]]:
-    from bench.run import run_case
+def evaluate_point(bundle, editor, cases, texts, ppl_pre: float | None) -> list[dict[str, Any]]:
+    """Each case edited alone and restored: its post-edit CounterFact scores (as `bench run` computes them) and
+    the held-out perplexity after the edit. The pre-edit, generation and circuit measurements of `bench run`
+    are skipped: the objective does not use them."""
+    from bench.run import all_finite, apply_edits, backup, held_out_perplexity, restore, touched_parameters
+    from bench.scoring import case_target_nll, counterfact_scores
 
-    editor.observe_dataset(data_cases)
+    model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     records = []
     for case in cases:
+        names = touched_parameters(editor, [case])
+        saved = backup(model, names)
         try:
-            records.append(run_case(bundle, editor, case, [], cfg, folder))
+            apply_edits(editor, [case])
+            if not all_finite(model, names):
+                records.append({"case_id": case.case_id, "status": "failed", "reason": "NaN or inf weights"})
+                continue
+            post = counterfact_scores(case_target_nll(model, tok, editor.evaluation_case(case), dev))
+            records.append({"case_id": case.case_id, "status": "ok", "post": post, "ppl_pre": ppl_pre,
+                            "ppl_post": held_out_perplexity(bundle, texts)})
         except (RuntimeError, ValueError, FloatingPointError) as exc:
             records.append({"case_id": case.case_id, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+        finally:
+            restore(model, saved)
+            editor.undo()
     return records
 
 
@@ -178,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
     from bench.data import load_dataset
     from bench.cmd_hparams import shown_path
     from bench.models import load_model
-    from bench.run import RunConfig, select_cases
+    from bench.run import held_out_perplexity, heldout_for_ppl, select_cases
     from editors.base import HPARAMS_DIR, HPARAMS_FOLDERS, get_editor, load_hparams
 
     _check(args)
@@ -201,16 +215,17 @@ def main(args: argparse.Namespace) -> int:
     points = grid_points(grid)
     for point in points:  # bad values fail here, before any edit
         cls(bundle, {**base, **point})
-    cfg = RunConfig(editor=args.editor, model=args.model, circuits=False, ppl_texts=args.ppl_texts, seed=args.seed)
+    texts = heldout_for_ppl(args.ppl_texts)
+    ppl_pre = held_out_perplexity(bundle, texts)
     scored = []
-    with tempfile.TemporaryDirectory() as folder:
-        for i, point in enumerate(points):
-            records = evaluate_point(bundle, cls(bundle, {**base, **point}), cases, list(data.cases), cfg,
-                                     Path(folder))
-            scored.append(point_scores(records))
-            s = scored[-1]
-            log.info("tune: point %d/%d %s: ES %.2f PS %.2f NS %.2f S %.2f%s", i + 1, len(points), point, s["ES"],
-                     s["PS"], s["NS"], s["S"], " collapsed" if s["collapsed"] else "")
+    for i, point in enumerate(points):
+        editor = cls(bundle, {**base, **point})
+        editor.observe_dataset(list(data.cases))
+        scored.append(point_scores(evaluate_point(bundle, editor, cases, texts, ppl_pre)))
+        s = scored[-1]
+        log.info("tune: point %d/%d %s: ES %.2f PS %.2f NS %.2f S %.2f ppl x%s%s", i + 1, len(points), point, s["ES"],
+                 s["PS"], s["NS"], s["S"], "-" if s["ppl_ratio"] is None else f"{s['ppl_ratio']:.3g}",
+                 " collapsed" if s["collapsed"] else "")
     chosen = choose(scored)
     out = Path(args.output or Path("tuned") / f"{args.editor.replace(':', '_')}-{args.model.rstrip('/').split('/')[-1]}.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -295,3 +295,18 @@ def test_grace_through_run_case(tmp_path) -> None:
     assert record["status"] == "ok" and record["post"]["efficacy_score"] == 1.0
     assert record["post"]["p_new"] > 3 * record["pre"]["p_new"]
     assert editor.codebook is None and not editor._module()._forward_hooks
+
+
+def test_kn_easyedit_options_erase_the_prediction_and_skip_refining() -> None:
+    bundle = load_model("tiny-gpt2", "cpu")
+    case = a_case()
+    with torch.no_grad():
+        top = int(logits_of(bundle, [case.rewrite_prompt])[0].argmax())
+    paper = editor_for("kn", bundle)
+    easy = editor_for("kn", bundle, erase_token="prediction", refine=False, p=0.4)
+    assert paper.erased_token(case) == target_ids(bundle.tokenizer, case.target_true)[0]
+    assert easy.erased_token(case) == top
+    seen: list[str] = []
+    easy.attribution = lambda prompt, answer: seen.append(prompt) or torch.zeros(len(easy.layers), bundle.arch.d_mlp)
+    easy.knowledge_neurons(case)
+    assert seen == [case.rewrite_prompt]  # EasyEdit's refine: false attributes the rewrite prompt alone
