@@ -166,7 +166,7 @@ def header(args: argparse.Namespace, base_file: str, grid: dict[str, list[Any]],
     lines = [f"Tuned by: {command_line(args)}",
              f"Editor {args.editor} on model {args.model}; base hyperparameters: {base_file}.",
              f"Split: {DEV_DATASET} ({split.get('rule')}); {len(cases)} dev cases: {', '.join(cases)}.",
-             f"Grid ({len(points)} points): {yaml.safe_dump(grid, default_flow_style=True).strip()}",
+             f"Grid ({len(points)} point{'' if len(points) == 1 else 's'}): {yaml.safe_dump(grid, default_flow_style=True).strip()}",
              f"Objective: ROME's S = harmonic mean of ES, PS, NS; a point collapses when ppl_post/ppl_pre > "
              f"{COLLAPSE_PPL_RATIO:g} ({args.ppl_texts} held-out texts) or the weights are not finite.",
              "Scores per point (ES PS NS S ppl_ratio):"]
