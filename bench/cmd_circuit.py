@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --prompt: the span to corrupt (default: the last run of capitalised words)")
     parser.add_argument("--setting", default="default", choices=SETTINGS,
                         help="kc: the Knowledge Circuits setting (eap, zero ablation, match-nll, KC's split of "
-                             f"{KC_EXAMPLES} validation and {KC_EXAMPLES} test prompts); default: by-subject split")
+                             f"{KC_EXAMPLES} validation and {KC_EXAMPLES} test prompts; --method/--ablation/--metric "
+                             "make a labelled variant); default: by-subject split")
     parser.add_argument("--method", default=None, choices=METHODS, help="attribution method (default eap)")
     parser.add_argument("--ablation", default=None, choices=ABLATIONS,
                         help="what an edge outside the circuit carries (default corrupted; kc: zero)")
@@ -114,20 +115,24 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def circuit_setting(args: argparse.Namespace):
-    """The CircuitSetting of the arguments; --setting kc fixes method, ablation and metric to KC's."""
+    """The CircuitSetting of the arguments. --setting kc defaults method, ablation and metric to KC's;
+    a flag that changes one of them makes a labelled variant (`setting_variant`)."""
     from circuits.relation import KC_SETTING, CircuitSetting
 
     chosen = {"method": args.method, "ablation": args.ablation, "metric": args.metric}
-    if args.setting == "kc":
-        clash = [f"--{k} {v}" for k, v in chosen.items() if v is not None and v != getattr(KC_SETTING, k)]
-        if clash:
-            raise ValueError(f"--setting kc is {KC_SETTING.method}, {KC_SETTING.ablation} ablation, "
-                             f"{KC_SETTING.metric}; drop {', '.join(clash)}")
-        base = KC_SETTING
-    else:
-        base = CircuitSetting()
+    base = KC_SETTING if args.setting == "kc" else CircuitSetting()
     return CircuitSetting(**{k: v if v is not None else getattr(base, k) for k, v in chosen.items()},
                           shots=args.shots, graph=args.graph)
+
+
+def setting_variant(args: argparse.Namespace) -> list[str]:
+    """Where a --setting kc run departs from KC's method, ablation or metric: ["ablation=mean", ...]."""
+    from circuits.relation import KC_SETTING
+
+    if args.setting != "kc":
+        return []
+    chosen = {"method": args.method, "ablation": args.ablation, "metric": args.metric}
+    return [f"{k}={v}" for k, v in chosen.items() if v is not None and v != getattr(KC_SETTING, k)]
 
 
 def _subject_pool() -> list[tuple[str, str]]:
@@ -201,7 +206,8 @@ def main(args: argparse.Namespace) -> int:
     report = dict(result.report, source=source, model=bundle.provenance, layers=view,
                   test_facts=facts_as_dicts(facts), command=" ".join(["python -m bench", *sys.argv[1:]]),
                   files=files)
-    report["setting"]["name"] = args.setting
+    variant = setting_variant(args)
+    report["setting"]["name"] = args.setting + (f" (variant: {', '.join(variant)})" if variant else "")
     report["seconds"]["total"] = time.perf_counter() - started
     result.circuit.save(out / "circuit.json")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

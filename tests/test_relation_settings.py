@@ -292,12 +292,18 @@ def test_circuit_command_kc_setting(tmp_path, monkeypatch):
     assert set(report["hit_at_10"]) == {"validation", "test"}
     assert report["hit_at_10"]["validation"]["n_prompts"] == report["hit_at_10"]["test"]["n_prompts"] == 5
     assert (out / "circuit.svg").stat().st_size > 0 and (out / "circuit.png").read_bytes()[:4] == b"\x89PNG"
+    variant = tmp_path / "kc-mean"
+    assert main(["circuit", "--model", "tiny-gpt2", "--relation", str(relation), "--setting", "kc", "--ablation",
+                 "mean", "--known-top-k", "0", "--top-n", "20", "--output", str(variant), "--device", "cpu",
+                 "--no-curve", "--random-draws", "1"]) == 0
+    s = json.loads((variant / "report.json").read_text())["setting"]
+    assert s["name"] == "kc (variant: ablation=mean)" and s["ablation"] == "mean" and s["split"].startswith("KC:")
 
 
 def test_circuit_command_rejects_conflicting_settings(tmp_path, capsys):
     relation = str(write_relation(tmp_path))
     base = ["circuit", "--model", "tiny-gpt2", "--relation", relation, "--device", "cpu"]
-    assert main(base + ["--setting", "kc", "--ablation", "corrupted"]) == 2
+    assert main(base + ["--setting", "kc", "--method", "eap-ig"]) == 2  # eap-ig with KC's zero ablation
     assert main(base + ["--method", "eap-ig", "--ablation", "zero"]) == 2
     assert main(base + ["--shots", "-1"]) == 2
     assert main(["circuit", "--model", "tiny-gpt2", "--prompt", "The capital of France is", "--answer", "Paris",
