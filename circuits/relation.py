@@ -64,7 +64,7 @@ log = logging.getLogger("bench")
 
 HIT_K = 10
 # Candidate circuit sizes for the validation rule (step 4 of the module doc).
-SIZE_GRID = (25, 50, 100, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000, 7000, 10000, 15000, 20000, 30000)
+SIZE_GRID = (25, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 CHUNK = 8  # prompts per forward pass; bounds the [n_upstream, B, P, D] activation buffers
 KC_EXAMPLES = 20  # the Knowledge Circuits README's NUM_EXAMPLES: validation and test prompts each
 KC_SHUFFLE_SEED = 0  # acdc/knowledge/knowledge_dataset.py: random.seed(0); random.shuffle(samples)
