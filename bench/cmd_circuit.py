@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=int, default=None,
                         help="edges in the circuit (default for a relation: the smallest size that reaches the full "
                              f"model's Hit@10 on the validation split; {DEFAULT_TOP_N} for one fact)")
+    parser.add_argument("--size-grid", default=None,
+                        help="comma-separated candidate sizes for the validation rule (default "
+                             "25,50,100,200,500,1000,2000,5000,10000,20000)")
     parser.add_argument("--output", default=None, help="output folder (default circuits-out/<relation or fact>)")
     parser.add_argument("--known-top-k", type=int, default=1,
                         help="keep facts whose answer's first token is in the model's top k (default 1; 0 keeps all)")
@@ -100,6 +103,13 @@ def _check(args: argparse.Namespace) -> None:
         args.top_n = DEFAULT_TOP_N
     if args.top_n is not None and args.top_n < 1:
         raise ValueError("--top-n must be at least 1")
+    if args.size_grid is not None:
+        try:
+            args.size_grid = tuple(int(x) for x in args.size_grid.split(","))
+        except ValueError:
+            raise ValueError(f"--size-grid must be comma-separated integers, not {args.size_grid!r}")
+        if not args.size_grid or min(args.size_grid) < 1:
+            raise ValueError("--size-grid sizes must be at least 1")
     if args.shots < 0:
         raise ValueError("--shots must be 0 or more")
     if args.setting == "kc" and args.relation is None:
@@ -194,8 +204,11 @@ def main(args: argparse.Namespace) -> int:
     bundle = load_model(args.model, args.device, args.dtype)
     split, samples, source = _inputs(args, bundle)
     log.info("circuit: %s: %s", split.name, json.dumps(split.counts))
+    from circuits.relation import SIZE_GRID
+
     result = build_relation_circuit(bundle, split, samples, setting=setting, top_n=args.top_n, seed=args.seed,
-                                    random_draws=args.random_draws, curve=not args.no_curve)
+                                    size_grid=args.size_grid or SIZE_GRID, random_draws=args.random_draws,
+                                    curve=not args.no_curve)
     name = source.get("name") or re.sub(r"[^\w-]+", "_", source.get("subject", "fact"))
     out = Path(args.output or Path("circuits-out") / name)
     out.mkdir(parents=True, exist_ok=True)

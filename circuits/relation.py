@@ -485,7 +485,7 @@ def select_size(validation: ScoringSet, scores: torch.Tensor, grid: Sequence[int
             "full_model_validation_hit_at_10": target, "tried": tried}
 
 
-SIZE_RULE = ("the smallest size in SIZE_GRID whose circuit reaches the full model's validation Hit@10 "
+SIZE_RULE = ("the smallest size of the grid whose circuit reaches the full model's validation Hit@10 "
              "(else the best validation Hit@10); chosen on the validation split only")
 
 
@@ -530,7 +530,8 @@ def build_relation_circuit(bundle, split: RelationSplit, samples: Sequence[tuple
     start = time.perf_counter()
     validation = ScoringSet(bundle, graph, batches(val_rows, tok, dev), setting, reference)
     if top_n is None:
-        sizing = dict(select_size(validation, scores, size_grid, progress), rule=SIZE_RULE)
+        sizing = dict(select_size(validation, scores, size_grid, progress), rule=SIZE_RULE,
+                      grid=sorted(set(size_grid)))
     else:
         sizing = {"rule": f"fixed: --top-n {top_n}", "chosen": min(top_n, graph.n_edges)}
     timings["size_selection"] = time.perf_counter() - start
