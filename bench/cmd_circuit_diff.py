@@ -43,7 +43,11 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--output must end in .svg, .png or .pdf")
     output.parent.mkdir(parents=True, exist_ok=True)
     groups = diff_edges(before.edges, after.edges)
-    summary = {"before": args.before, "after": args.after, **{k: len(v) for k, v in groups.items()},
+    if before.graph != after.graph and before.n_graph_edges != after.n_graph_edges:
+        raise ValueError(f"the circuits are on different graphs ({before.graph}, {after.graph}): their edges "
+                         "do not compare")
+    summary = {"before": args.before, "after": args.after, "graph": after.graph,
+               **{k: len(v) for k, v in groups.items()},
                **overlap(before, after), "edges": groups}
     summary_path = output.with_suffix(".json")
     summary_path.write_text(json.dumps(summary, indent=2))

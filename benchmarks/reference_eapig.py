@@ -27,11 +27,12 @@ Reproduce (CPU, 2 threads):
         --json benchmarks/results/reference-eapig-cpu.json
 
 Graph mapping. Senders (input, a{l}.h{h}, m{l}) are in the same order in both graphs. The reference
-ungroups grouped-query attention (one k and one v receiver per query head, `ungroup_grouped_query_attention`),
-while the harness has one k and one v receiver per key/value group. The residual stream a k (or v) receiver
-reads is the same for every head of a group, so the harness's group score is the sum of the reference's
-per-query-head scores over the group; the comparison sums them. q, MLP-input and logits receivers map 1:1,
-and the statistics are also given on those edges alone.
+ungroups grouped-query attention (one k and one v receiver per query head, `ungroup_grouped_query_attention`).
+With `--graph ungrouped` (the default) the harness's graph is the same one, receiver for receiver, and every
+edge is compared as it is. With `--graph grouped` the harness has one k and one v receiver per key/value
+group, whose score is the sum of the reference's per-query-head scores over the group; the comparison sums
+them, and the statistics are also given on the q, MLP-input and logits edges alone (1:1). The committed
+benchmarks/results/reference-eapig-cpu.json was measured on the grouped graph.
 
 Known differences that are not bugs of either side:
 - EAP-IG step points: the reference interpolates the input embeddings at k/m for k = 0..m-1 (from the
@@ -249,6 +250,8 @@ def one_to_one_receivers(n_layers: int, n_heads: int, n_kv_heads: int) -> torch.
     """[n_receivers] bool: receivers with one counterpart in the reference (q, MLP input, logits)."""
     per_layer = n_heads + 2 * n_kv_heads + 1
     keep = torch.zeros(n_layers * per_layer + 1, dtype=torch.bool)
+    if n_kv_heads == n_heads:  # the ungrouped graph: every receiver is the reference's own
+        return ~keep
     for layer in range(n_layers):
         keep[layer * per_layer: layer * per_layer + n_heads] = True
         keep[layer * per_layer + per_layer - 1] = True
@@ -302,6 +305,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="/tmp/reference_eapig")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--graph", choices=["ungrouped", "grouped"], default="ungrouped",
+                        help="the harness's graph: ungrouped maps 1:1 onto the reference's; grouped sums its k/v")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
@@ -312,7 +317,8 @@ def main() -> None:
     bundle = load_model(args.model, "cpu")
     batch, info = load_relation_batch()(bundle, args.relation, args.n, args.seed)
     arch, bridge = bundle.arch, bundle.bridge()
-    graph = Graph(arch.n_layers, arch.n_heads, arch.n_kv_heads)
+    graph = Graph.of(arch, args.graph)
+    kv = graph.n_kv_heads  # k/v receivers per layer: n_heads (ungrouped, as the reference) or the model's groups
     rows = torch.arange(batch.clean_ids.shape[0])
     with torch.no_grad():
         logits = bundle.model(input_ids=batch.clean_ids, attention_mask=batch.attention_mask).logits
@@ -340,12 +346,13 @@ def main() -> None:
     ref = torch.load(work / "reference.pt")
 
     edges = graph.edge_mask
-    one = edges & one_to_one_receivers(arch.n_layers, arch.n_heads, arch.n_kv_heads)[None, :]
-    ref_edges = reference_to_harness(ref["real_edge_mask"].float(), arch.n_layers, arch.n_heads, arch.n_kv_heads) > 0
+    one = edges & one_to_one_receivers(arch.n_layers, arch.n_heads, kv)[None, :]
+    ref_edges = reference_to_harness(ref["real_edge_mask"].float(), arch.n_layers, arch.n_heads, kv) > 0
     comparison: dict[str, Any] = {}
     for name, ours_name in (*((m, m) for m in METHODS), ("eap_ig_same_points", "eap_ig")):
-        mapped = reference_to_harness(ref["scores"][name], arch.n_layers, arch.n_heads, arch.n_kv_heads)
-        comparison[name] = {"all_edges_kv_summed": compare(ours[ours_name][edges], mapped[edges]),
+        mapped = reference_to_harness(ref["scores"][name], arch.n_layers, arch.n_heads, kv)
+        comparison[name] = {"all_edges" if kv == arch.n_heads else "all_edges_kv_summed":
+                            compare(ours[ours_name][edges], mapped[edges]),
                             "one_to_one_edges": compare(ours[ours_name][one], mapped[one])}
 
     def summary(times: dict[str, list[float]]) -> dict[str, Any]:
@@ -354,7 +361,7 @@ def main() -> None:
     results = {
         "command": f"OMP_NUM_THREADS={args.threads} .venv/bin/python " + " ".join(
             [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "reference": args.ref_label, "model": args.model, "device": "cpu", "data": info,
+        "reference": args.ref_label, "model": args.model, "device": "cpu", "data": info, "graph": graph.kind,
         "batch_shape": list(batch.clean_ids.shape), "ig_steps": args.steps, "repeats": args.repeats,
         "metric": "log p(answer's first token) at the last real position, summed over prompts",
         "ablation": "corrupted input (activation patching)",

@@ -196,3 +196,15 @@ def test_mib_curves_select_signed_for_cpr_and_absolute_for_cmd():
         assert [pt["faithfulness"] for pt in out[f"{area}_points"]] == pytest.approx(ys)
         assert out[area] == pytest.approx(curve_areas([p / 100 for p in EDGE_PERCENTAGES], ys)[area])
     assert out["cpr_points"] != out["cmd_points"]  # the two rules pick different circuits here
+
+
+def test_circuit_diff_refuses_circuits_of_different_graphs(tmp_path):
+    from bench.cli import main
+
+    a = circuit_of({"input->logits": 1.0})
+    b = Circuit("eap", "x", {"input->logits": 1.0}, ["input"], 70_651, {}, graph="grouped")
+    a.n_graph_edges = 123_211
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    assert main(["circuit-diff", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                 "--output", str(tmp_path / "d.svg")]) == 2
