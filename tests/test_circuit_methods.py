@@ -525,3 +525,31 @@ def test_discover_records_its_choices_and_round_trips(tiny_model, method, tmp_pa
         discover(bundle.bridge(), bundle.model, bundle.arch, batch, " Paris", method="acdc")
     with pytest.raises(ValueError, match="needs --ablation corrupted"):  # as EAP-IG: inputs IG needs corrupted
         discover(bundle.bridge(), bundle.model, bundle.arch, batch, " Paris", method="eap-ig", ablation="mean")
+
+
+def test_ungrouped_patching_of_a_whole_group_equals_grouped_patching(tiny_model):
+    """A grouped circuit and its ungrouped expansion (each k/v group edge as all of its query heads' edges)
+    are the same intervention, so they must measure the same; a subset of a group's heads must not."""
+    bundle = tiny_model
+    if bundle.arch.n_kv_heads == bundle.arch.n_heads:
+        pytest.skip("no grouped-query attention: the two graphs are the same")
+    gg, gu, batch = graph_of(bundle, "grouped"), graph_of(bundle), batch_of(bundle)
+    scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, gg, batch)
+    grouped = select_edges(scores, gg, "top-n", 60)
+    expanded = torch.zeros(gu.n_upstream, gu.n_receivers, dtype=torch.bool)
+    for up, recv in grouped.nonzero().tolist():
+        name = gg.receiver_names[recv]
+        if ".kv" in name:  # a{l}.kv{g}<k>: every query head of group g
+            layer, group, port = int(name[1:name.index(".")]), int(name.split("kv")[1].split("<")[0]), name[-2]
+            for head in (h for h in range(gg.n_heads) if gg.group_of(h) == group):
+                expanded[gu.parse_edge(f"{gg.upstream_names[up]}->a{layer}.h{head}<{port}>")] = True
+        else:
+            expanded[gu.parse_edge(gg.edge_name(up, recv))] = True
+    args = (bundle.bridge(), bundle.model, bundle.arch)
+    a = circuit_metrics(*args, gg, batch, grouped)["metric_circuit"]
+    b = circuit_metrics(*args, gu, batch, expanded)["metric_circuit"]
+    assert a == pytest.approx(b, abs=1e-5)
+    kv = [j for j in range(gu.n_receivers) if gu.receiver_names[j].endswith(("<k>", "<v>"))]
+    half = expanded.clone()
+    half[:, kv[0::2]] = False
+    assert circuit_metrics(*args, gu, batch, half)["metric_circuit"] != pytest.approx(b, abs=1e-5)
