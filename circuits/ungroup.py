@@ -13,12 +13,14 @@ The original parameter objects come back on exit. Nested uses are no-ops.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from bench.arch import ArchSpec
 from circuits.graph import Graph
+
+if TYPE_CHECKING:  # the architecture description lives in bench/arch.py
+    from bench.arch import ArchSpec
 
 
 def _attention(arch: ArchSpec, model: torch.nn.Module, layer: int) -> Any:
