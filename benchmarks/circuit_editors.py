@@ -3,7 +3,7 @@
 For every numeric `circuit_*` field: each run's mean with its 95% percentile-bootstrap interval (the same
 machinery as the run summaries, bench.results.bootstrap_interval), and the mean difference A − B over the
 cases both runs scored (paired by case_id, the same facts), with its paired bootstrap interval. A column
-"differs measurably" when that interval excludes 0.
+"differs measurably" when that interval excludes 0 and at least 5 pairs have the column.
 
     python benchmarks/circuit_editors.py RUN_A RUN_B [--json OUT.json]
 """
@@ -21,6 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.results import bootstrap_interval, read_cases  # noqa: E402
+
+
+MIN_PAIRS = 5  # below this the percentile bootstrap of a mean is too coarse to call a difference
 
 
 def numeric(value: Any) -> float | None:
@@ -44,7 +47,7 @@ def paired_difference(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]
     interval = bootstrap_interval([diffs], np.mean) if diffs else None
     return {"n": len(diffs), "mean": float(np.mean(diffs)) if diffs else None,
             "ci": list(interval) if interval else None,
-            "differs": bool(interval and (interval[0] > 0 or interval[1] < 0))}
+            "differs": bool(len(diffs) >= MIN_PAIRS and interval and (interval[0] > 0 or interval[1] < 0))}
 
 
 def ok_cases(run: Path) -> dict[str, dict[str, Any]]:
