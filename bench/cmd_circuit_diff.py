@@ -28,9 +28,13 @@ def read_circuit(path: str):
     if not file.is_file():
         raise ValueError(f"circuit file '{path}' does not exist")
     try:
-        return Circuit.from_json(json.loads(file.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path}: not a circuit.json file ({type(exc).__name__})")
+        circuit = Circuit.from_json(json.loads(file.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a circuit.json file ({type(exc).__name__})") from None
+    edges = circuit.edges
+    if not isinstance(edges, dict) or not all(isinstance(v, (int, float)) for v in edges.values()):
+        raise ValueError(f"{path}: not a circuit.json file ('edges' is not a mapping of edge names to scores)")
+    return circuit
 
 
 def main(args: argparse.Namespace) -> int:

@@ -179,8 +179,13 @@ def load_run(folder: Path) -> RunRow:
     return RunRow(folder.name, folder, summary, manifest)
 
 
+_WARNED: set[str] = set()  # each warning once per command (the plots and the tables read the same runs)
+
+
 def warn(message: str) -> None:
-    print(f"warning: leaderboard: {message}", file=sys.stderr)
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: leaderboard: {message}", file=sys.stderr)
 
 
 def load_runs(runs_dir: Path) -> list[RunRow]:
@@ -686,6 +691,7 @@ def main(args: Any) -> int:
     runs_dir = Path(args.runs)
     if not runs_dir.is_dir():
         raise ValueError(f"runs folder '{runs_dir}' does not exist")
+    _WARNED.clear()
     fmt = getattr(args, "format", "md") or "md"
     if fmt not in ("md", "json", "csv"):
         raise ValueError(f"unknown format '{fmt}'; valid: md, json, csv")

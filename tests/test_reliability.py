@@ -467,6 +467,11 @@ BAD_INPUTS = {
     "resume a folder that is no run": (lambda t: ["run", "--resume", str(t)], "has no manifest.json"),
     "leaderboard on a missing folder": (lambda t: ["leaderboard", "--runs", str(t / "none")], "does not exist"),
     "leaderboard bad format": (lambda t: ["leaderboard", "--format", "xml"], "invalid choice: 'xml'"),
+    "circuit-diff on a non-circuit file": (lambda t: ["circuit-diff", bad_dataset(t, "[1, 2]"), bad_dataset(t, "{}")],
+                                           "not a circuit.json file"),
+    "circuit-diff with edges 5": (lambda t: ["circuit-diff", bad_dataset(t, json.dumps(
+        {"method": "eap", "answer": "x", "edges": 5, "nodes": [], "n_graph_edges": 1})),
+        bad_dataset(t, "{}", "b.json")], "not a circuit.json file"),
     "circuit --validation-fraction 2": (lambda t: ["circuit", "--validation-fraction", "2"],
                                         "--validation-fraction must be between 0.0 and 1.0"),
     "trace --samples 0": (lambda t: ["trace", "--samples", "0"], "--samples must be at least 1"),
