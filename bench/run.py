@@ -59,7 +59,6 @@ class SystematicFailure(RuntimeError):
 
 
 SYSTEMATIC_FAILURES = 5  # the run stops when its first this-many cases all failed
-CASE_PHASES = ("edit", "score", "circuit", "restore")
 CIRCUITS_DIR = str(Path(__file__).resolve().parent.parent / "circuits")
 
 
