@@ -589,15 +589,14 @@ def reject_overlong(bundle: ModelBundle, data: LoadedDataset) -> None:
     data.cases[:] = kept
 
 
-def why_no_cases(name: str, counts: dict[str, Any]) -> str:
+def why_no_cases(counts: dict[str, Any]) -> str:
     """One line: why a run has no case to edit."""
     if counts.get("rejected") and counts["rejected"] >= counts.get("loaded", 0):
-        return f"no case to edit in {name}: all {counts['rejected']} records were rejected ({top_reasons(counts)})"
+        return f"no case to edit: all {counts['rejected']} records were rejected ({top_reasons(counts)})"
     if counts.get("unknown_skipped"):
-        return (f"no case to edit in {name}: {counts.get('loaded')} loaded, {counts.get('rejected', 0)} rejected, "
-                f"{counts['unknown_skipped']} not known to the model (its top-1 answer is not target_true); "
-                f"drop --known-only to edit every valid record")
-    return f"no case to edit in {name}: the dataset has no usable record"
+        return (f"no case to edit: none of the {counts['unknown_skipped']} valid records is known to the model "
+                f"(its top-1 answer is not target_true); drop --known-only to edit them")
+    return "no case to edit: the dataset has no usable record"
 
 
 def top_reasons(counts: dict[str, Any], k: int = 3) -> str:
@@ -640,7 +639,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any
     else:
         cases, counts = select_cases(bundle, data, cfg.n, cfg.only_known)
         if not cases:
-            raise DatasetError(why_no_cases(data.name, counts))
+            raise DatasetError(why_no_cases(counts))
     log.info("loading: %d cases kept (%d rejected, %d not known to the model)", counts["kept"], counts["rejected"],
              counts["unknown_skipped"])
     manifest = {"editor": cfg.editor, "hparams": hparams, "hparams_file": hparams_path, "seed": cfg.seed,

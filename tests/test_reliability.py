@@ -458,7 +458,7 @@ BAD_INPUTS = {
                       "duplicate case_id"),
     "every record rejected": (lambda t: RUN + ["--dataset", bad_dataset(t, json.dumps(
         {"cases": [dict(FACT, target_new=FACT["target_true"]), dict(FACT, case_id="x2", target_new="")]}))],
-        "all 2 records were rejected"),
+        "no case to edit: all 2 records were rejected"),
     "hparams a list": (lambda t: RUN + ["--hparams", bad_yaml(t, "- 1\n- 2\n")], "expected a mapping"),
     "hparams a scalar": (lambda t: RUN + ["--hparams", bad_yaml(t, "3\n")], "expected a mapping"),
     "hparams invalid YAML": (lambda t: RUN + ["--hparams", bad_yaml(t, "a: [1,\n")], "invalid YAML"),
