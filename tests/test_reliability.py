@@ -240,11 +240,14 @@ def test_sigkill_at_five_random_points_then_resume_equals_an_uninterrupted_run(t
     rng = random.Random(13)
     points = sorted(rng.sample(range(1, 12), 5))
     process = bench_process([*args, "--output", str(out)], cache)
+    written = 0
     for point in points:
-        folder = wait_for_cases(out, point, process)
+        # a resumed process is killed only after it wrote a case of its own, so that every resume is recorded
+        folder = wait_for_cases(out, max(point, written + 1), process)
         time.sleep(rng.uniform(0.0, 0.3))  # anywhere within the next case
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
+        written = (folder / "cases.jsonl").read_bytes().count(b"\n")
         assert read_json(folder / "manifest.json")["status"] == "running"
         process = bench_process(["run", "--resume", str(folder)], cache)
     _, err = process.communicate(timeout=600)
