@@ -56,3 +56,14 @@ def write_pseudo_corpus(folder: Path, n_paragraphs: int) -> Path:
     path = folder / "corpus.txt"
     path.write_text("\n\n".join(paras))
     return path
+
+
+def tiny_rome_hparams(folder: Path, topic: str, model: str = "tiny-gpt2") -> Path:
+    """The shipped tiny-model ROME YAML with key statistics from a 30-paragraph corpus about `topic`."""
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Text number {i} on {topic}." for i in range(30)))
+    repo = Path(__file__).resolve().parent.parent
+    base = (repo / "editors" / "hparams" / "rome" / f"{model}.yaml").read_text()
+    path = folder / "rome.yaml"
+    path.write_text(base + f"\nmom2_dataset: {corpus}\nmom2_n_samples: 30\n")
+    return path

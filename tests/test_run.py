@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import tiny_rome_hparams
 import torch
 
 from bench.cli import main
@@ -97,11 +98,7 @@ def test_registry_lists_spine_editors():
 
 def test_end_to_end_tiny_run_writes_the_contract(tmp_path, monkeypatch, device):
     """A full `bench run` on tiny-gpt2 with every case kept (a random model knows no facts)."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Text number {i} on capitals, languages and currencies." for i in range(30)))
-    hp = tmp_path / "rome.yaml"
-    base = (REPO / "editors" / "hparams" / "rome" / "tiny-gpt2.yaml").read_text()
-    hp.write_text(base + f"\nmom2_dataset: {corpus}\nmom2_n_samples: 30\n")
+    hp = tiny_rome_hparams(tmp_path, "capitals, languages and currencies")
     monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "runs"
     code = main(["run", "--editor", "rome", "--model", "tiny-gpt2", "--n", "2", "--all-cases", "--output", str(out),

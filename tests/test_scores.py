@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import tiny_rome_hparams
 import torch
 
 from bench.cli import main
@@ -141,11 +142,7 @@ def recompute_from_cases(records: list[dict]) -> dict[str, float]:
 
 @pytest.mark.skipif(not SHARED_COUNTERFACT.exists(), reason=f"no shared CounterFact file at {SHARED_COUNTERFACT}")
 def test_es_ps_ns_recomputed_from_a_counterfact_run_folder(tmp_path, monkeypatch, device, one_thread):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Text number {i} on products, companies and languages." for i in range(30)))
-    hp = tmp_path / "rome.yaml"
-    base = (REPO / "editors" / "hparams" / "rome" / "tiny-gpt2.yaml").read_text()
-    hp.write_text(base + f"\nmom2_dataset: {corpus}\nmom2_n_samples: 30\n")
+    hp = tiny_rome_hparams(tmp_path, "products, companies and languages")
     monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("KEBENCH_COUNTERFACT", str(SHARED_COUNTERFACT))
     out = tmp_path / "runs"
