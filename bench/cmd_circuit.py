@@ -4,9 +4,10 @@ Writes to --output: circuit.json (circuits.circuit.Circuit), report.json (circui
 evaluation, its setting, and the per-layer view of circuits/layers.py), circuit.svg and circuit.png
 (matplotlib), circuit.dot (the same figure as Graphviz source) and layers.png.
 
-`--setting kc` is the Knowledge Circuits setting (Yao et al. 2024; circuits/relation.py's module doc):
-EAP attribution with zero ablation and KC's match_nll metric, KC's validation/test split of the first
-zero-shot template, the circuit's size chosen on the validation split.
+`--setting kc` is the Knowledge Circuits setting (Yao et al. 2024; the module docs of
+bench/relation_circuits.py and circuits/relation.py): EAP attribution with zero ablation and KC's match_nll
+metric, KC's validation/test split of the first zero-shot template, the circuit's size chosen on the
+validation split.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from circuits.attribute import METHODS
     from circuits.circuit import DEFAULT_TOP_N
     from circuits.metrics import METRICS
-    from circuits.relation import KC_EXAMPLES
+    from bench.relation_circuits import KC_EXAMPLES
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--relation", default=None, help="LRE relation name (../shared/data/lre/*/NAME.json) or a path")
@@ -159,8 +160,8 @@ def _subject_pool() -> list[tuple[str, str]]:
 def _inputs(args: argparse.Namespace, bundle) -> tuple[Any, list[tuple[str, str]], dict[str, Any]]:
     """(RelationSplit, corruption samples, source description)."""
     from bench.lre import load_relation
-    from circuits.relation import (Fact, RelationSplit, answer_ranks, kc_split, kc_template, make_fact,
-                                   prepare_split, relation_facts)
+    from bench.relation_circuits import (Fact, RelationSplit, answer_ranks, kc_split, kc_template, make_fact,
+                                         prepare_split, relation_facts)
 
     if args.relation is not None:
         relation = load_relation(args.relation)
@@ -196,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     from bench.models import load_model
     from circuits.draw import circuit_dot, draw_circuit
     from circuits.layers import layer_view, plot_layers
-    from circuits.relation import build_relation_circuit, facts_as_dicts
+    from bench.relation_circuits import build_relation_circuit, facts_as_dicts
 
     _check(args)
     setting = circuit_setting(args)

@@ -44,7 +44,7 @@ from circuits.activations import PairBatch
 from circuits.circuit import DEFAULT_TOP_N, Circuit, discover, evaluate_circuit, mlp_rank_and_share, overlap
 from circuits.curve import reported_faithfulness
 from circuits.graph import DEFAULT_GRAPH, Graph
-from circuits.relation import relation_circuits_for
+from bench.relation_circuits import relation_circuits_for
 from editors.base import EditOutcome, Editor, get_editor, load_hparams
 
 log = logging.getLogger("bench")
@@ -80,7 +80,7 @@ class RunConfig:
     metric: str = "logprob"  # circuits: logprob | logit-diff | match-nll
     save_scores: bool = False  # every edge's score beside the pre/post circuits (for bench circuit-export)
     only_known: bool = False  # the harness's known-fact filter (--known-only); protocols edit every record
-    relation_circuits: bool = False  # also the case's relation circuit before/after the edit (circuits/relation.py)
+    relation_circuits: bool = False  # also the case's relation circuit before/after the edit (bench/relation_circuits.py)
     batch_size: int = 1  # cases per apply (batched editors) or per restore (the others)
     sequential: bool = False  # edits accumulate over the run; restored once at the end
     eval_every: int = 5  # sequential: a curve point after every eval_every edits

@@ -17,8 +17,9 @@ from circuits.circuit import Circuit
 from circuits.curve import EDGE_PERCENTAGES, curve_areas, edges_at, faithfulness_curve, normalized_faithfulness
 from circuits.draw import diff_edges, draw_circuit, draw_diff, split_edge
 from circuits.layers import collect, lens_inputs, logit_lens, token_roles
-from circuits.relation import (Fact, ScoringSet, batches, build_relation_circuit, graph_of, hits, pair_rows,
-                               prepare_split, random_edges, relation_facts, split_by_subject)
+from bench.relation_circuits import (Fact, build_relation_circuit, pair_rows, prepare_split, relation_facts,
+                                     split_by_subject)
+from circuits.relation import ScoringSet, batches, graph_of, hits, random_edges
 from conftest import SHARED_DATA
 
 LRE_CAPITALS = SHARED_DATA / "lre" / "factual" / "country_capital_city.json"
@@ -276,7 +277,7 @@ def test_lre_relation_split_on_shared_data(tiny_model):
 # --- bench run --relation-circuits ---------------------------------------------------------------------
 
 def test_relation_source_mapping(tmp_path):
-    from circuits.relation import relation_source
+    from bench.relation_circuits import relation_source
 
     assert relation_source("no_such_relation") is None
     fallback = relation_source("element_symbol", lre_root=tmp_path)  # no LRE file: the built-in facts
@@ -293,7 +294,7 @@ def test_run_case_reports_relation_circuit_change(tiny_model, tmp_path):
     """A no-op edit: the rediscovered relation circuit equals the pre-edit one and Hit@10 does not move."""
     from bench.data import EditCase
     from bench.run import RunConfig, run_case
-    from circuits.relation import relation_circuits_for
+    from bench.relation_circuits import relation_circuits_for
     from editors.base import EditOutcome, Editor
 
     class NoOpEditor(Editor):
