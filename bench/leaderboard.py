@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from tabulate import tabulate
 
+from bench.lens import TOP_K, lens_summary
 from bench.results import COLLAPSE_CRITERION, COLLAPSE_PPL_RATIO, FAMILIES, METRICS, read_case_lines, read_cases, summarize
 
 # metrics left out of the markdown table (still in JSON and CSV)
@@ -176,6 +177,7 @@ def load_run(folder: Path) -> RunRow:
         if lines.torn:
             warn(f"{folder}: cases.jsonl {lines.torn}: a torn last line, dropped")
         summary.update(summarize(lines.rows))
+        summary["lens"] = lens_summary(lines.rows)
     return RunRow(folder.name, folder, summary, manifest)
 
 
@@ -435,7 +437,37 @@ def legend(rows: list[RunRow]) -> str:
 def markdown_table(rows: list[RunRow], first_note: int = 1) -> tuple[str, list[str]]:
     """The section's tables, and its provenance notes numbered from first_note."""
     notes = [provenance_note(index, row) for index, row in enumerate(rows, start=first_note)]
-    return "\n".join(section_tables(rows, first_note)).rstrip(), notes
+    return "\n".join(section_tables(rows, first_note) + lens_table(rows)).rstrip(), notes
+
+
+def _layer(value: Any) -> str:
+    return "never" if value is None else str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _mean_of(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def lens_table(rows: list[RunRow]) -> list[str]:
+    """The logit-lens summary per editor (bench/lens.py), when the runs stored it."""
+    lensed = [row for row in rows if row.summary.get("lens")]
+    if not lensed:
+        return []
+    body = []
+    for row in lensed:
+        lens = row.summary["lens"]
+        movers = lens.get("mover_heads")
+        body.append([row.label, lens["n_cases"], _layer(lens["pre_new_first_top_layer"]),
+                     _layer(lens["post_new_first_top_layer"]), _layer(lens["post_new_first_top_layer_case_median"]),
+                     number(lens["post_new_reaches_top_share"]),
+                     f"{number(lens['pre_new_prob_mean'][-1])} → {number(lens['post_new_prob_mean'][-1])}",
+                     f"{number(_mean_of(lens['mover_attention_pre']))} → {number(_mean_of(lens['mover_attention_post']))}"
+                     if movers else "–"])
+    headers = ["editor", "n", f"target_new in top {TOP_K} from layer (pre)", "(post)", "(post, per-case median)",
+               "share of cases reaching it (post)", "P(target_new) at the last layer", "top-5 subject heads' attention"]
+    return [f"#### Logit lens (target_new's first token through the layers; layers 0-based; median rank per layer; "
+            f"top-5 subject heads: the heads with the most pre-edit attention from the last token to the subject)",
+            "", tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""]
 
 
 def _short(value: Any, k: int = 12) -> str:
@@ -506,6 +538,7 @@ def to_json(groups: dict[tuple[str, str], list[RunRow]], command: str | None, in
                     {"editor": r.editor, "label": r.label, "batch_size": r.batch_size, "n_cases": r.summary.get("n_cases"),
                      "n_failed": r.summary.get("n_failed"), "counts": r.counts, "n_collapsed": r.n_collapsed,
                      "metrics": {c.name: c.aggregate(r) for c in metric_columns(rows) if c.aggregate(r)},
+                     "logit_lens": r.summary.get("lens"),
                      "provenance": r.provenance()} for r in rows]}
                 for (model, dataset), rows in groups.items()]}
     return json.dumps(data, indent=2) + "\n"
@@ -604,6 +637,36 @@ def plot_efficacy_vs_overlap(rows: list[RunRow], title: str, path: Path) -> bool
     return True
 
 
+def plot_logit_lens(rows: list[RunRow], title: str, path: Path) -> bool:
+    """Per layer, per editor: target_new's median rank (log scale) and mean probability, before the edit
+    (dashed) and after it (solid)."""
+    import matplotlib.pyplot as plt
+
+    lensed = [row for row in rows if row.summary.get("lens")]
+    if not lensed:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for index, row in enumerate(lensed):
+        lens, color = row.summary["lens"], f"C{index % 10}"
+        layers = range(lens["n_layers"])
+        for phase, style in (("pre", "--"), ("post", "-")):
+            axes[0].plot(layers, lens[f"{phase}_new_rank_median"], style, color=color,
+                         label=f"{row.label} ({phase})")
+            axes[1].plot(layers, lens[f"{phase}_new_prob_mean"], style, color=color)
+    axes[0].set_yscale("log")
+    axes[0].axhline(TOP_K, color="grey", linewidth=0.6, linestyle=":")
+    axes[0].set_ylabel("median rank of target_new")
+    axes[1].set_ylabel("mean P(target_new)")
+    for ax in axes:
+        ax.set_xlabel("layer (residual stream after it, logit lens)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Logit lens of the rewrite prompt · {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def read_curve(path: Path) -> list[dict[str, Any]]:
     points = [row for row in read_cases(path) if isinstance(row.get("n_edits"), (int, float))]
     return sorted(points, key=lambda p: p["n_edits"])
@@ -655,6 +718,9 @@ def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]],
                 written.append(((model, dataset), path))
         path = folder / f"{stem}__efficacy_vs_circuit.png"
         if rows and plot_efficacy_vs_overlap(rows, title, path):
+            written.append(((model, dataset), path))
+        path = folder / f"{stem}__logit_lens.png"
+        if rows and plot_logit_lens(rows, title, path):
             written.append(((model, dataset), path))
         path = folder / f"{stem}__sequential.png"
         if plot_sequential([r for r in runs if (r.model, r.dataset) == (model, dataset)], title, path):

@@ -34,6 +34,7 @@ from bench.cache import FetchError
 from bench.corpus import DEFAULT_CORPUS, CorpusError, wiki_texts
 from bench.data import DatasetError, EditCase, LoadedDataset, load_dataset, validate_case
 from bench.integrity import IntegrityError, ModelGuard
+from bench.lens import case_lens
 from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics
 from bench.models import ModelBundle, load_model
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
@@ -271,6 +272,13 @@ class CaseBefore:
     locality_tokens: list[list[int]] | None = None  # pre-edit argmax tokens for EasyEdit locality
 
 
+def lens_of(bundle: ModelBundle, case: EditCase, shown: EditCase) -> dict[str, Any]:
+    """The logit lens (bench/lens.py) of the prompt the model is scored on (`shown`: the editor's evaluation
+    case, e.g. IKE's with demonstrations) for the case's two targets."""
+    return case_lens(bundle.model, bundle.arch, bundle.tokenizer, shown.rewrite_prompt, case.subject,
+                     case.target_true, case.target_new)
+
+
 def measure_before(bundle: ModelBundle, case: EditCase, pool: Pool, cfg: RunConfig) -> CaseBefore:
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     record: dict[str, Any] = {"case_id": case.case_id, "relation": case.relation, "subject": case.subject,
@@ -279,6 +287,7 @@ def measure_before(bundle: ModelBundle, case: EditCase, pool: Pool, cfg: RunConf
     record["scoring"] = case.scoring  # the dataset's primary family: "counterfact" (pre/post) or "zsre" (easyedit)
     record["pre_easyedit"], locality_tokens = easyedit_scores(model, tok, case, dev)
     pre_next = neighborhood_next_token(model, tok, case, dev)
+    record["lens_pre"] = lens_of(bundle, case, case)
     circuits = case_circuits(bundle, case, case.target_true, pool, cfg, edited=False) if cfg.circuits else None
     if cfg.relation_circuits:  # once per relation per run, on the pre-edit weights
         relation_circuits_for(bundle, cfg).before_edit(case.relation)
@@ -294,6 +303,7 @@ def measure_after(bundle: ModelBundle, editor: Editor, case: EditCase, before: C
     record["post_easyedit"], _ = easyedit_scores(model, tok, edited, dev, before.locality_tokens)
     record["post_generation"], record["post_generation_text"] = generation_metrics(model, tok, edited, dev)
     record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, edited, dev))
+    record["lens_post"] = lens_of(bundle, case, edited)
     if cfg.circuits and pre is not None:
         same_prompts = edited.rewrite_prompt == case.rewrite_prompt and edited.paraphrases == case.paraphrases
         post = case_circuits(bundle, edited, case.target_new, pool, cfg, edited=True,

@@ -73,9 +73,10 @@ def _main_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
-    """[start, end) indices in prompt_ids(prompt) of the tokens covering the subject's first occurrence."""
-    at = prompt.find(subject)
+def subject_token_range(tokenizer, prompt: str, subject: str, last: bool = False) -> tuple[int, int]:
+    """[start, end) indices in prompt_ids(prompt) of the tokens covering the subject's first (last: last)
+    occurrence."""
+    at = prompt.rfind(subject) if last else prompt.find(subject)
     if at < 0 or not subject:
         raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
     stop = at + len(subject)
