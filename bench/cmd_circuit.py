@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-validation", type=int, default=32, help="at most this many validation prompts")
     parser.add_argument("--max-test", type=int, default=64, help="at most this many test prompts")
     parser.add_argument("--random-draws", type=int, default=3, help="random circuits averaged for the baseline")
-    parser.add_argument("--no-curve", action="store_true", help="skip the faithfulness curve (10 patched runs)")
+    parser.add_argument("--no-curve", action="store_true", help="skip the CPR/CMD curves (20 patched runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")

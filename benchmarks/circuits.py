@@ -43,8 +43,9 @@ from circuits.attribute import eap_ig_scores, eap_scores  # noqa: E402
 from circuits.graph import Graph  # noqa: E402
 
 
-def relation_batch(bundle, relation_name: str, n: int, seed: int) -> tuple[PairBatch, dict]:
-    """Up to n known facts of the relation with equal-length corruptions, as one right-padded batch."""
+def relation_batch(bundle, relation_name: str, n: int, seed: int, known_only: bool = True) -> tuple[PairBatch, dict]:
+    """Up to n known facts of the relation (every fact with known_only False, e.g. for a tiny random model)
+    with equal-length corruptions, as one right-padded batch."""
     relation = load_relation(relation_name)
     tok = bundle.tokenizer
     templates = [*relation.prompt_templates, *relation.prompt_templates_zs]
@@ -54,7 +55,7 @@ def relation_batch(bundle, relation_name: str, n: int, seed: int) -> tuple[PairB
         for subject, obj, prompt in facts:
             ids = torch.tensor([prompt_ids(tok, prompt)], device=bundle.device)
             top = int(bundle.model(input_ids=ids).logits[0, -1].argmax())
-            if top == target_ids(tok, obj)[0]:
+            if top == target_ids(tok, obj)[0] or not known_only:
                 known.append((subject, obj, prompt))
     rows = []
     for subject, obj, prompt in known:
@@ -63,10 +64,12 @@ def relation_batch(bundle, relation_name: str, n: int, seed: int) -> tuple[PairB
         if corrupt is not None:
             rows.append((prompt_ids(tok, prompt), corrupt, target_ids(tok, obj)[0]))
     if not rows:
-        raise SystemExit(f"error: no known fact of {relation_name} has an equal-length corruption")
+        raise SystemExit(f"error: no {'known ' if known_only else ''}fact of {relation_name} has an equal-length "
+                         "corruption")
     rows = rows[:n]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    info = {"relation": relation_name, "facts": len(facts), "known": len(known), "used": len(rows)}
+    info = {"relation": relation_name, "facts": len(facts), "known" if known_only else "kept (no known filter)": len(known),
+            "used": len(rows)}
     return PairBatch.from_rows(rows, pad, bundle.device), info
 
 

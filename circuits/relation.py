@@ -17,7 +17,8 @@ demonstrations and corrupting subjects make them is the harness's business (benc
    edges (uniform over the graph's edges; mean of `random_draws` draws). Hit@10 = the answer's first token
    is among the 10 largest logits at the last prompt position (KC's `get_hit10`). Also the normalised
    faithfulness (m(C) - m(ablated)) / (m(full) - m(ablated)) with the chosen metric (undefined when the
-   denominator is below 1e-9), and the MIB faithfulness curve with CPR/CMD on the test split.
+   denominator is below 1e-9), and MIB's CPR and CMD on the test split (`circuits.curve.mib_curves`, the
+   same code as for case circuits: CPR from the top-k edges by signed score, CMD by |score|, each pruned).
 
 Differences from the paper (KC): its Table 1 circuits come from ACDC with threshold tau = 0.01 on the
 validation split; here they come from attribution scores, with the size chosen on the validation split by
@@ -37,7 +38,7 @@ from circuits.ablation import ablated_outputs, check_ablation
 from circuits.activations import PairBatch
 from circuits.attribute import attribute, check_method
 from circuits.circuit import Circuit, circuit_nodes, top_edges
-from circuits.curve import faithfulness_curve, normalized_faithfulness
+from circuits.curve import mib_curves, normalized_faithfulness
 from circuits.evaluate import patched_logits
 from circuits.graph import Graph
 from circuits.metrics import Metric, prepared_metric
@@ -343,9 +344,8 @@ def find_circuit(bundle, name: str, val_rows: list[PromptRow], test_rows: list[P
     }
     if curve:
         start = time.perf_counter()
-        progress("circuit: faithfulness curve on the test split (10 sizes)")
-        report["faithfulness_curve"] = faithfulness_curve(
-            lambda k: test.faithfulness(test.with_edges(top_edges(scores, graph, k))), graph.n_edges)
+        progress("circuit: MIB's CPR and CMD curves on the test split (2 x 10 sizes)")
+        report["faithfulness_curve"] = mib_curves(scores, graph, lambda keep: test.faithfulness(test.with_edges(keep)))
         timings["curve"] = time.perf_counter() - start
     report["seconds"] = timings
     return CircuitResult(circuit, keep, scores, test, report, circuit_run)

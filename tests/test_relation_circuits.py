@@ -159,9 +159,13 @@ def test_relation_circuit_report_and_round_trip(tiny_relation_result, tmp_path):
         assert report["hit_at_10"][split]["n_edges"] == len(result.circuit.edges) == 25
         assert len(report["hit_at_10"][split]["random_circuit_draws"]) == 2
     assert report["setting"]["size_rule"] == "fixed: --top-n 25"
-    points = report["faithfulness_curve"]["points"]
-    assert [p["percent"] for p in points] == list(EDGE_PERCENTAGES)
-    assert points[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # 100% of edges is the clean model
+    curve = report["faithfulness_curve"]
+    for area in ("cpr", "cmd"):  # MIB's two selections (circuits.curve.mib_curves)
+        points = curve[f"{area}_points"]
+        assert [p["percent"] for p in points] == list(EDGE_PERCENTAGES)
+        assert points[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # 100% of edges is the clean model
+        x = [p["percent"] / 100 for p in points]
+        assert curve[area] == pytest.approx(curve_areas(x, [p["faithfulness"] for p in points])[area])
     assert report["facts"]["prompts_total"] == 2 * len(CAPITALS)
     path = tmp_path / "circuit.json"
     result.circuit.save(path)
