@@ -25,6 +25,10 @@ Reproduce (CPU, 2 threads):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/reference_eapig.py \
         --ref-python /tmp/refvenv/bin/python --ref-src /tmp/ref/EAP-IG/src \
         --json benchmarks/results/reference-eapig-cpu.json
+    # a tiny grouped-query model (random weights, so no known-fact filter), ungrouped graph
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reference_eapig.py --ref-python /tmp/refvenv/bin/python \
+        --ref-src /tmp/ref/EAP-IG/src --model tiny-llama --all-facts --n 8 --repeats 1 --threads 1 \
+        --json benchmarks/results/reference-eapig-tiny-llama.json
 
 Graph mapping. Senders (input, a{l}.h{h}, m{l}) are in the same order in both graphs. The reference
 ungroups grouped-query attention (one k and one v receiver per query head, `ungroup_grouped_query_attention`).
@@ -370,7 +374,8 @@ def main() -> None:
         "graph": {"harness_edges": graph.n_edges, "reference_edges": ref["n_edges"],
                   "one_to_one_edges": int(one.sum()),
                   "edge_sets_match_after_kv_grouping": bool(torch.equal(ref_edges, edges)),
-                  "kv_mapping": "reference k/v scores of the query heads of one key/value group summed"},
+                  "kv_mapping": ("none: the same receivers (one k and one v per query head)" if kv == arch.n_heads
+                                 else "reference k/v scores of the query heads of one key/value group summed")},
         "logit_check": ref["logit_check"],
         "comparison": comparison,
         "wall_seconds": {"harness": summary(ours_wall), "reference": summary(ref["wall"])},
