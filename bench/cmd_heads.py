@@ -36,6 +36,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_facts: int = 20) -> 
                         help=f"facts per relation, in KC's order (default {n_facts})")
     parser.add_argument("--scan", type=int, default=200,
                         help="prompts per relation scanned for known facts, in KC's order (default 200)")
+    parser.add_argument("--known-top-k", type=int, default=1,
+                        help="a fact is used when its answer's first token is within the model's top k (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--output", default=None, help="output folder (default analyses-out/<command>-<model>)")
@@ -43,8 +45,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_facts: int = 20) -> 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--known-top-k", type=int, default=1,
-                        help="a fact is used when its answer's first token is within the model's top k (default 1)")
     parser.add_argument("--min-attention", type=float, default=0.3, help="attention threshold (default 0.3)")
     parser.add_argument("--min-dla-fraction", type=float, default=0.1,
                         help="a source's DLA counts when ≥ this × the relation's largest head DLA (default 0.1)")
