@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.data import DatasetError
 from bench.lre import LRE_ROOT, Relation, load_relation
 from bench.relation_circuits import KC_SHUFFLE_SEED, Fact, answer_ranks, kc_template, relation_facts
@@ -85,3 +87,68 @@ def write_json(folder: Path, name: str, data: dict[str, Any]) -> Path:
 def output_folder(args: Any, command: str) -> Path:
     model = str(args.model).rstrip("/").split("/")[-1]
     return Path(args.output) if args.output else OUTPUT_ROOT / f"{command}-{model}"
+
+
+# --- one prompt's circuit --------------------------------------------------------------------------
+
+def corrupting_prompt(tokenizer, prompt: str, subject: str, samples, forbidden: set[int], seed: int = 0
+                      ) -> tuple[list[int], int] | None:
+    """The prompt with another subject of the relation (last occurrence swapped, same token length) none of
+    whose objects starts with a token in `forbidden`; with that subject's answer token. None if no
+    subject fits."""
+    from bench.tokens import prompt_ids, target_ids
+
+    firsts: dict[str, set[int]] = {}
+    for s, o in samples:
+        firsts.setdefault(s, set()).add(target_ids(tokenizer, o)[0])
+    candidates = sorted(s for s, ids in firsts.items() if s != subject and not ids & forbidden and subject not in s)
+    random.Random(f"{seed}:{subject}:{prompt}").shuffle(candidates)
+    head, _, tail = prompt.rpartition(subject)
+    length = len(prompt_ids(tokenizer, prompt))
+    for other in candidates:
+        swapped = prompt_ids(tokenizer, head + other + tail)
+        if len(swapped) == length:
+            return swapped, min(firsts[other])
+    return None
+
+
+def prompt_circuit(bundle, clean: list[int], corrupt: list[int], answer_id: int, label: str, top_n: int,
+                   ablate_from: int = 0):
+    """The EAP circuit (corrupted patching, log-prob of `answer_id`, top_n edges) of one prompt pair."""
+    from circuits.activations import PairBatch
+    from circuits.circuit import discover
+
+    pad = bundle.tokenizer.pad_token_id if bundle.tokenizer.pad_token_id is not None else 0
+    batch = PairBatch.from_rows([(clean, corrupt, answer_id)], pad, bundle.device,
+                                ablate_from=[ablate_from] if ablate_from else None)
+    return discover(bundle.bridge(), bundle.model, bundle.arch, batch, label, top_n=top_n, evaluate=False)
+
+
+def node_difference(a, b) -> dict[str, Any]:
+    """Jaccards of two circuits and the nodes only in each (heads and MLPs)."""
+    from circuits.circuit import overlap
+
+    only_a = sorted(set(a.nodes) - set(b.nodes))
+    only_b = sorted(set(b.nodes) - set(a.nodes))
+    return dict(overlap(a, b), only_first=only_a, only_second=only_b)
+
+
+@torch.no_grad()
+def next_tokens(bundle, prompts: list[str], chunk: int = 16) -> list[int]:
+    """The model's top-1 next token after each prompt."""
+    from bench.tokens import prompt_ids
+
+    tok = bundle.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[int] = []
+    for start in range(0, len(prompts), chunk):
+        rows = [prompt_ids(tok, p) for p in prompts[start: start + chunk]]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        logits = bundle.model(input_ids=ids.to(bundle.device), attention_mask=mask.to(bundle.device)).logits
+        last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+        out += last.argmax(-1).tolist()
+    return out

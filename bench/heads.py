@@ -99,13 +99,16 @@ class Readout:
     attention: torch.Tensor
     per_source: list[torch.Tensor]
     scale: torch.Tensor
+    mlp_out: torch.Tensor | None = None  # [L, d_model] each MLP's output at END (with mlp=True)
 
 
 @torch.no_grad()
-def read_heads(bundle, ids: list[int]) -> Readout:
-    """One forward pass of the TransformerLens bridge with the attention patterns and values cached."""
+def read_heads(bundle, ids: list[int], mlp: bool = False) -> Readout:
+    """One forward pass of the TransformerLens bridge with the attention patterns and values cached (and
+    with mlp, each MLP's output)."""
     arch = bundle.arch
-    names = {f"blocks.{l}.{hook}" for l in range(arch.n_layers) for hook in HOOKS} | {"ln_final.hook_scale"}
+    hooks = HOOKS + (("hook_mlp_out",) if mlp else ())
+    names = {f"blocks.{l}.{hook}" for l in range(arch.n_layers) for hook in hooks} | {"ln_final.hook_scale"}
     tokens = torch.tensor([ids], device=bundle.device)
     _, cache = bundle.bridge().run_with_cache(tokens, names_filter=lambda name: name in names)
     rows, outputs = [], []
@@ -115,7 +118,9 @@ def read_heads(bundle, ids: list[int]) -> Readout:
         w_o = arch.o_weight(bundle.model, layer).float()  # [H, d_head, d_model]
         rows.append(pattern)
         outputs.append(torch.einsum("ht,thd,hdm->htm", pattern, values, w_o))
-    return Readout(torch.stack(rows), outputs, cache["ln_final.hook_scale"][0, -1].float())
+    mlp_out = (torch.stack([cache[f"blocks.{l}.hook_mlp_out"][0, -1].float() for l in range(arch.n_layers)])
+               if mlp else None)
+    return Readout(torch.stack(rows), outputs, cache["ln_final.hook_scale"][0, -1].float(), mlp_out)
 
 
 @torch.no_grad()
