@@ -32,14 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def relation_circuit(bundle, name: str, path: Path, top_n: int, seed: int, n_facts: int, known_top_k: int = 1):
-    """The relation's circuit on its known facts (KC's template and split), with its report."""
+def relation_circuit(bundle, name: str, path: Path, top_n: int, seed: int, n_facts: int, known_top_k: int = 1,
+                     scan: int | None = None):
+    """The relation's circuit on its known facts among the first `scan` prompts (KC's template, order and
+    split), with its report."""
     from bench.analyses import kc_facts, load
     from bench.relation_circuits import build_relation_circuit, kc_split
     from circuits.relation import CircuitSetting
 
     relation = load(path)
-    split = kc_split(bundle, name, kc_facts(relation), known_top_k=known_top_k, n_examples=max(1, n_facts // 2))
+    split = kc_split(bundle, name, kc_facts(relation)[:scan], known_top_k=known_top_k, n_examples=max(1, n_facts // 2))
     result = build_relation_circuit(bundle, split, relation.samples, setting=CircuitSetting(), top_n=top_n,
                                     seed=seed, random_draws=1, curve=False)
     return result.circuit, result.report
@@ -79,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("reuse: building the circuit of %s", name)
         try:
             circuit, report = relation_circuit(bundle, name, path, args.top_n, args.seed, args.n_facts,
-                                               args.known_top_k)
+                                               args.known_top_k, args.scan)
         except ValueError as exc:  # too few known facts or corruption partners: this relation only
             skipped[name] = str(exc)
             log.warning("reuse: %s skipped: %s", name, exc)
