@@ -84,9 +84,15 @@ def hop_lens(bundle, chain: Chain) -> dict[str, list]:
 
 
 def contained(part, whole) -> float:
-    """Share of `part`'s nodes (heads and MLPs) that `whole` also has."""
+    """Share of `part`'s nodes (heads and MLPs) that `whole` also has: KC's Hit_node (App. C.1, eq. 4)
+    without the input and logits nodes, which every circuit has."""
     nodes = set(part.nodes) - ALWAYS
     return len(nodes & set(whole.nodes)) / len(nodes) if nodes else 0.0
+
+
+def contained_edges(part, whole) -> float:
+    """Share of `part`'s edges that `whole` also has (KC's Table 5 edge row)."""
+    return len(set(part.edges) & set(whole.edges)) / len(part.edges) if part.edges else 0.0
 
 
 def chain_circuits(bundle, chain: Chain, top_n: int) -> dict[str, Any]:
@@ -110,6 +116,8 @@ def chain_circuits(bundle, chain: Chain, top_n: int) -> dict[str, Any]:
             "edge_jaccard_hop1": overlap(two, circuits["hop1"])["edge_jaccard"],
             "edge_jaccard_hop2": overlap(two, circuits["hop2"])["edge_jaccard"],
             "hop1_nodes_in_two_hop": contained(circuits["hop1"], two),
+            "hop1_edges_in_two_hop": contained_edges(circuits["hop1"], two),
+            "hop2_edges_in_two_hop": contained_edges(circuits["hop2"], two),
             "hop2_nodes_in_two_hop": contained(circuits["hop2"], two),
             "hop1_and_hop2_nodes_in_two_hop": contained(_union(circuits["hop1"], circuits["hop2"]), two)}
 
@@ -132,6 +140,7 @@ def multihop_summary(rows: list[dict[str, Any]], n_layers: int) -> dict[str, Any
             "share_two_hop_top1": sum(r["two_hop_rank"] == 1 for r in rows) / len(rows),
             **{key: mean(key) for key in ("node_jaccard_hop1", "node_jaccard_hop2", "edge_jaccard_hop1",
                                           "edge_jaccard_hop2", "hop1_nodes_in_two_hop", "hop2_nodes_in_two_hop",
+                                          "hop1_edges_in_two_hop", "hop2_edges_in_two_hop",
                                           "hop1_and_hop2_nodes_in_two_hop")},
             "mean_log10_rank_bridge": logs["bridge"], "mean_log10_rank_answer": logs["answer"],
             "n_layers": n_layers}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.lre import load_relation
-from bench.multihop import CHAINS, build_chains, contained
+from bench.multihop import CHAINS, build_chains, contained, contained_edges
 from circuits.circuit import Circuit
 from tests.test_heads import write_relation
 
@@ -42,6 +42,9 @@ def test_contained_by_hand():
     def c(nodes):
         return Circuit("eap", "x", {}, nodes, 10)
     assert contained(c(["input", "a0.h1", "m2", "logits"]), c(["input", "a0.h1", "m3", "logits"])) == 0.5
+    part = Circuit("eap", "x", {"input->a0.h1": 1.0, "a0.h1->m2": 1.0, "m2->logits": 1.0}, [], 10)
+    whole = Circuit("eap", "x", {"input->a0.h1": 1.0, "m2->logits": 1.0, "m3->logits": 1.0}, [], 10)
+    assert contained_edges(part, whole) == pytest.approx(2 / 3)
 
 
 def test_multihop_command_on_tiny_gpt2(lre_root, tmp_path, one_thread):
