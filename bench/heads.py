@@ -65,7 +65,7 @@ class FactHeads:
     dla_relation: torch.Tensor
     copies_subject: torch.Tensor  # bool
     answer_rank: torch.Tensor
-    head_output: torch.Tensor = field(repr=False, default=None)  # [L, H, d_model], after the frozen final norm
+    head_output: torch.Tensor = field(repr=False)  # [L, H, d_model], after the frozen final norm
 
 
 HOOKS = ("attn.hook_pattern", "attn.hook_v")
