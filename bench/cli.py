@@ -25,7 +25,8 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "n": (1, None), "seed": (0, 2**32 - 1), "top_n": (1, None), "batch_size": (1, None), "eval_every": (1, None),
     "ppl_texts": (0, None), "known_top_k": (0, None), "validation_fraction": (0.0, 1.0),
     "max_validation": (1, None), "max_test": (1, None), "random_draws": (1, None), "samples": (1, None),
-    "window": (1, None), "noise_texts": (1, None), "shots": (0, None),
+    "window": (1, None), "noise_texts": (1, None), "shots": (0, None), "workers": (1, None),
+    "workers_per_gpu": (1, None), "threads_per_worker": (1, None), "start_timeout": (1, None),
 }
 
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "run":
+    if args.command in ("run", "sweep"):
         _interrupt_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "transformer_lens", "httpx", "huggingface_hub"):

@@ -622,15 +622,22 @@ def seed_batch(seed: int, batch_index: int) -> None:
     torch.manual_seed(value)
 
 
-def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """A new run into cfg.output, or (resume) the rest of the run folder `resume`, whose manifest must
-    match cfg's configuration."""
-    from bench.resume import check_resumable, config_differences, stored_manifest
+@dataclass
+class PreparedRun:
+    """A run loaded and ready to edit: the model, the editor, the selected cases, the corruption pool and
+    the manifest (everything but the run folder). `bench run` and each `bench sweep` worker build one."""
 
-    stored = None
-    if resume is not None:
-        stored = stored_manifest(resume)
-        check_resumable(resume, stored)
+    cfg: RunConfig
+    bundle: ModelBundle
+    editor: Editor
+    cases: list[EditCase]
+    pool: Pool
+    manifest: dict[str, Any]
+
+
+def prepare(cfg: RunConfig, stored: dict[str, Any] | None = None) -> PreparedRun:
+    """Loads the dataset, model, hyperparameters and editor, and selects the cases (a resumed run, `stored`
+    its manifest, keeps the cases it selected)."""
     check_modes(cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -662,19 +669,38 @@ def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any
                 "mode": mode_manifest(cfg),
                 "perplexity": ppl_manifest(hparams, cfg.curve_ppl_texts if cfg.sequential else cfg.ppl_texts),
                 "config": vars(cfg)}
-    if stored is not None and resume is not None:
-        differences = config_differences(stored, manifest)
-        if differences:
-            raise ValueError(f"cannot resume {resume}: {differences[0]}"
-                             + (f" (and {len(differences) - 1} more changes)" if len(differences) > 1 else ""))
-        writer = RunWriter(resume, stored, resume=True)
-    else:
-        writer = new_writer(cfg, manifest)
+    return PreparedRun(cfg, bundle, editor, cases, CorruptionPool.from_cases(data.cases), manifest)
+
+
+def open_writer(cfg: RunConfig, manifest: dict[str, Any], stored: dict[str, Any] | None = None,
+                resume: Path | None = None) -> RunWriter:
+    """A new run folder under cfg.output, or the resumed one, whose manifest must match `manifest`."""
+    from bench.resume import config_differences
+
+    if stored is None or resume is None:
+        return new_writer(cfg, manifest)
+    differences = config_differences(stored, manifest)
+    if differences:
+        raise ValueError(f"cannot resume {resume}: {differences[0]}"
+                         + (f" (and {len(differences) - 1} more changes)" if len(differences) > 1 else ""))
+    return RunWriter(resume, stored, resume=True)
+
+
+def run(cfg: RunConfig, resume: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """A new run into cfg.output, or (resume) the rest of the run folder `resume`, whose manifest must
+    match cfg's configuration."""
+    from bench.resume import check_resumable, stored_manifest
+
+    stored = None
+    if resume is not None:
+        stored = stored_manifest(resume)
+        check_resumable(resume, stored)
+    prepared = prepare(cfg, stored)
+    writer = open_writer(cfg, prepared.manifest, stored, resume)
     if cfg.circuits or cfg.relation_circuits:
-        warm_bridge(bundle)
-    guard = ModelGuard.of(bundle.model, cfg.editor)
-    pool = CorruptionPool.from_cases(data.cases)
-    return execute(bundle, editor, cases, pool, cfg, writer, guard)
+        warm_bridge(prepared.bundle)
+    guard = ModelGuard.of(prepared.bundle.model, cfg.editor)
+    return execute(prepared.bundle, prepared.editor, prepared.cases, prepared.pool, cfg, writer, guard)
 
 
 @torch.no_grad()
@@ -699,9 +725,7 @@ def execute(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Po
     """Edits the cases not yet in the run folder and writes the summary with the run's final state:
     complete, interrupted (SIGINT or SIGTERM) or failed (systematic failures, a model left changed)."""
     status, error = "complete", None
-    extra: dict[str, Any] = {"seed": cfg.seed, "device": str(bundle.device), "top_n": cfg.top_n, "graph": cfg.graph,
-                             "mode": writer.manifest["mode"]["name"], "batch_size": cfg.batch_size,
-                             **selection_counts(writer.manifest["cases"], cfg.only_known)}
+    extra = summary_fields(cfg, writer.manifest)
     log.info("editing: %s on %d cases (%s mode, batch size %d)%s", cfg.editor, len(cases), extra["mode"],
              cfg.batch_size, f", with pre/post circuits (EAP, top {cfg.top_n} edges, {cfg.graph} graph)" if cfg.circuits
              else "")
@@ -719,13 +743,24 @@ def execute(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Po
     except BaseException as exc:
         writer.finish(extra, "failed", f"{type(exc).__name__}: {exc}")
         raise
+    return writer.dir, finish_run(writer, extra, status, error)
+
+
+def summary_fields(cfg: RunConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings that its summary carries besides the aggregates."""
+    return {"seed": cfg.seed, "device": manifest["device"], "top_n": cfg.top_n, "graph": cfg.graph,
+            "mode": manifest["mode"]["name"], "batch_size": cfg.batch_size,
+            **selection_counts(manifest["cases"], cfg.only_known)}
+
+
+def finish_run(writer: RunWriter, extra: dict[str, Any], status: str, error: str | None) -> dict[str, Any]:
+    """The summary and the final state; a run that completed without a single edited case has failed."""
     log.info("scoring: aggregating %s", writer.cases_path)
     if status == "complete":
         rows = read_cases(writer.cases_path)
         if not any(r.get("status") == "ok" for r in rows):
             status, error = "failed", f"no case was edited: all {len(rows)} cases failed ({failure_reasons(rows)})"
-    summary = writer.finish(extra, status, error)
-    return writer.dir, summary
+    return writer.finish(extra, status, error)
 
 
 def failure_reasons(rows: list[dict[str, Any]], k: int = 2) -> str:
@@ -755,9 +790,7 @@ def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool
         for index, batch in enumerate(batches(cases, cfg.batch_size)):
             if all(case.case_id in done for case in batch):
                 continue
-            seed_batch(cfg.seed, index)
-            for record in _safe_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits", index,
-                                      ppl_pre=ppl_pre):
+            for record in edit_batch(bundle, editor, batch, pool, cfg, writer.dir / "circuits", index, ppl_pre):
                 if record["case_id"] not in done:  # a resumed batch: its written cases stay as they are
                     writer.append(record)
                     written.append(record)
@@ -765,6 +798,14 @@ def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool
             if guard is not None:
                 guard.verify(lambda: declared_names(editor, batch))
             check_systematic(written)
+
+
+def edit_batch(bundle: ModelBundle, editor: Editor, batch: list[EditCase], pool: Pool, cfg: RunConfig,
+               circuit_dir: Path, index: int, ppl_pre: float | None) -> list[dict[str, Any]]:
+    """Batch `index` of a run from its own seed: pre-scores, edit, post-scores, restore; one record per case,
+    a failure recorded on its cases. `bench run` and every `bench sweep` worker edit through this."""
+    seed_batch(cfg.seed, index)
+    return _safe_batch(bundle, editor, batch, pool, cfg, circuit_dir, index, ppl_pre=ppl_pre)
 
 
 def declared_names(editor: Editor, cases: list[EditCase]) -> set[str]:
