@@ -30,8 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from bench.results import RunWriter, _atomic_json, read_cases
-from bench.run import RunConfig, SystematicFailure, check_systematic, failed_record, finish_run, open_writer, \
-    summary_fields
+from bench.run import RunConfig, SystematicFailure, check_systematic, finish_run, open_writer, summary_fields
 
 log = logging.getLogger("bench")
 
@@ -267,34 +266,68 @@ def remember(output: Path, key: str, run_dir: Path, suite: Path) -> None:
     _atomic_json(path, data)
 
 
+@dataclass
+class Planned:
+    """One run of the suite and where it stands: already complete (folder, no work), to resume, or new."""
+
+    run: SweepRun
+    folder: Path | None = None
+    stored: dict[str, Any] | None = None
+
+    @property
+    def estimate(self) -> int:
+        """Its number of cases as far as known before a worker selects them (for the progress bar's total)."""
+        return int(self.stored["n_planned"]) if self.stored and self.stored.get("n_planned") else self.run.cfg.n or 0
+
+    @property
+    def complete(self) -> bool:
+        return self.stored is not None and self.stored.get("status") == "complete"
+
+
+def plan(runs: list[SweepRun], output: Path) -> list[Planned]:
+    """What each run of the suite needs: nothing (complete), a resume (killed or interrupted) or a new
+    folder (never started, or failed: a failed run is not resumed, like `bench run --resume`)."""
+    from bench.resume import check_resumable, stored_manifest
+
+    planned = []
+    for sweep_run in runs:
+        folder = previous_folder(output, sweep_run.key)
+        stored = stored_manifest(folder) if folder is not None else None
+        if stored is not None and stored.get("status") == "failed":
+            log.warning("sweep: %s failed in %s (%s); it starts again in a new folder", sweep_run.label, folder,
+                        stored.get("error"))
+            folder = stored = None
+        elif folder is not None and stored is not None and stored.get("status") != "complete":
+            check_resumable(folder, stored)
+        planned.append(Planned(sweep_run, folder, stored))
+    return planned
+
+
 def sweep(suite: Path, options: SweepOptions, output: str | None = None) -> list[tuple[Path | None, dict[str, Any]]]:
     """Every run of the suite, one after another, each sharded across workers; (folder, summary) per run
-    (summary {"status": "complete", "skipped": True} for a run already complete)."""
-    from bench.resume import check_resumable, stored_manifest
+    (summary {"status": "complete", "skipped": True} for a run already complete). Ray starts only when
+    a run is left to do."""
     from editors.base import get_editor
 
     runs, out = load_suite(suite, output)
     for sweep_run in runs:
         get_editor(sweep_run.cfg.editor)  # an unknown editor is bad input, before Ray starts
+    planned = plan(runs, Path(out))
+    results: list[tuple[Path | None, dict[str, Any]]] = [(p.folder, {"status": "complete", "skipped": True})
+                                                         for p in planned if p.complete]
+    for p in planned:
+        if p.complete:
+            log.info("sweep: %s is complete in %s; skipped", p.run.label, p.folder)
+    todo = [p for p in planned if not p.complete]
+    if not todo:
+        return results
     ray = import_ray()
     start_ray(options.address, options.start_timeout_s)
-    results: list[tuple[Path | None, dict[str, Any]]] = []
     try:
-        with tqdm(total=0, desc="sweep", unit="case", dynamic_ncols=True) as bar:
-            for sweep_run in runs:
-                previous = previous_folder(Path(out), sweep_run.key)
-                stored = stored_manifest(previous) if previous is not None else None
-                if stored is not None and stored.get("status") == "complete":
-                    log.info("sweep: %s is complete in %s; skipped", sweep_run.label, previous)
-                    results.append((previous, {"status": "complete", "skipped": True}))
-                    continue
-                if stored is not None and stored.get("status") == "failed":
-                    log.warning("sweep: %s failed in %s (%s); starting it again in a new folder", sweep_run.label,
-                                previous, stored.get("error"))
-                    previous = stored = None
-                if previous is not None and stored is not None:
-                    check_resumable(previous, stored)
-                results.append(run_sharded(ray, sweep_run, stored, previous, options, bar, suite))
+        # one bar for the whole sweep; its total is corrected as each run's cases are selected
+        with tqdm(total=sum(p.estimate for p in todo), desc="sweep", unit="case", dynamic_ncols=True) as bar:
+            for p in todo:
+                results.append(run_sharded(ray, p, options, bar, suite))
                 if results[-1][1].get("status") == "interrupted":
                     break
     finally:
@@ -302,11 +335,12 @@ def sweep(suite: Path, options: SweepOptions, output: str | None = None) -> list
     return results
 
 
-def run_sharded(ray: Any, sweep_run: SweepRun, stored: dict[str, Any] | None, previous: Path | None,
-                options: SweepOptions, bar: tqdm, suite: Path) -> tuple[Path, dict[str, Any]]:
+def run_sharded(ray: Any, planned: Planned, options: SweepOptions, bar: tqdm, suite: Path
+                ) -> tuple[Path, dict[str, Any]]:
     """One run of the sweep: workers, the run folder once the first worker has loaded it, the batches."""
     from bench.run import batches
 
+    sweep_run, stored, previous = planned.run, planned.stored, planned.folder
     cfg = sweep_run.cfg
     place = Placement.of(ray, options.workers, options.workers_per_gpu, options.threads_per_worker, cfg.device)
     worker_cls = worker_class(ray).options(num_cpus=place.num_cpus, num_gpus=place.num_gpus)
@@ -326,7 +360,8 @@ def run_sharded(ray: Any, sweep_run: SweepRun, stored: dict[str, Any] | None, pr
     done = {r.get("case_id") for r in written}
     todo = [i for i, batch in enumerate(all_batches) if not all(cid in done for cid in batch)]
     progress = RunProgress(todo, deque(todo))
-    bar.total += len(manifest["case_ids"])
+    bar.total += len(manifest["case_ids"]) - planned.estimate
+    bar.refresh()
     bar.update(len(done & set(manifest["case_ids"])))
     bar.set_postfix_str(sweep_run.label)
     log.info("sweep: %s: %d batches to edit on %d workers, into %s", sweep_run.label, len(todo),
@@ -370,10 +405,10 @@ def drive(ray: Any, workers: list[Any], new_worker: Any, progress: RunProgress, 
           bar: tqdm) -> None:
     """Keeps every worker busy with one batch; writes results in batch order as they become writable;
     re-queues the batch of a worker that died and replaces the worker."""
-    idle = list(workers)
+    idle = list(workers)  # the first worker is loaded already: it takes the first batch
     while progress.pending or progress.out:
         while idle and progress.pending:
-            worker, index = idle.pop(), progress.pending.popleft()
+            worker, index = idle.pop(0), progress.pending.popleft()
             progress.out[worker.edit.remote(index)] = (worker, index)
         (ref,), _ = ray.wait(list(progress.out), num_returns=1)
         worker, index = progress.out.pop(ref)
