@@ -1,0 +1,193 @@
+"""Throughput: where one case's time goes, one edit against its FLOP floor, and workers against threads.
+
+    python -m benchmarks.throughput --model smollm2-135m --editor rome --cases 2 \
+        --json benchmarks/results/throughput-cpu.json
+
+1. Phases of one `bench run` case (the run's own code, bench.run.run_case, timed per phase by wrapping the
+   functions it calls): pre-scores, edit, post-scores, circuits, held-out perplexity.
+2. The edit against its floor: the floating-point operations the edit executes (torch's FlopCounterMode,
+   matmuls and convolutions) divided by this machine's measured float32 matmul rate, at the same thread
+   count; the ratio seconds / floor says how far the edit is from pure matmul arithmetic.
+3. Workers against threads, side by side in one invocation: the same cases edited by 2 processes with 1
+   torch thread each (each half the cases), then by 1 process with 2 threads; cases per second of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench.run as run_module
+from bench.data import load_dataset
+from bench.models import load_model
+from bench.run import RunConfig, backup, restore, select_cases, sync
+from editors.base import get_editor, load_hparams
+
+PHASES = {"measure_before": "pre-scores (+ pre circuits)", "apply_edits": "edit",
+          "measure_after": "post-scores (+ post circuits)", "find_circuit": "circuits (inside the scores)",
+          "held_out_perplexity": "held-out perplexity"}
+
+
+def matmul_rate(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """Best float32 n x n matmul rate in FLOP/s at `threads` torch threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(saved)
+    return 2 * n ** 3 / best
+
+
+@contextmanager
+def phase_timer(totals: dict[str, float]) -> Iterator[None]:
+    """Adds the wall time of every call of the PHASES functions of bench.run to totals."""
+    originals = {name: getattr(run_module, name) for name in PHASES}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - start
+        return timed
+
+    for name, fn in originals.items():
+        setattr(run_module, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(run_module, name, fn)
+
+
+def setup(model: str, editor_name: str, n: int, threads: int):
+    torch.set_num_threads(threads)
+    bundle = load_model(model, "cpu")
+    hparams, _ = load_hparams(editor_name, model, bundle.arch.family)
+    editor = get_editor(editor_name)(bundle, hparams)
+    data = load_dataset("facts")
+    cases, _ = select_cases(bundle, data, n, only_known=False)
+    return bundle, editor, data, cases
+
+
+def edit_seconds_and_flops(bundle: Any, editor: Any, cases: list) -> tuple[list[tuple[float, float]], int]:
+    """(wall, process CPU) seconds of each edit, after a warm-up edit that samples the context prefixes
+    and loads the statistics, and the FLOPs of one edit. With one thread, CPU seconds are what the edit
+    itself costs even when other jobs share the machine."""
+    def one(case: Any) -> tuple[float, float]:
+        saved = backup(bundle.model, editor.parameters_to_touch([case]))
+        start, cpu = time.perf_counter(), time.process_time()
+        editor.apply([case])
+        sync(bundle.device)
+        seconds = (time.perf_counter() - start, time.process_time() - cpu)
+        restore(bundle.model, saved)
+        return seconds
+
+    one(cases[0])  # warm-up
+    seconds = [one(case) for case in cases]
+    counter = FlopCounterMode(display=False)
+    saved = backup(bundle.model, editor.parameters_to_touch([cases[0]]))
+    with counter:
+        editor.apply([cases[0]])
+    restore(bundle.model, saved)
+    return seconds, counter.get_total_flops()
+
+
+def _worker(model: str, editor_name: str, n: int, threads: int, offset: int, share: int, out: Any) -> None:
+    bundle, editor, _, cases = setup(model, editor_name, n, threads)
+    mine = cases[offset: offset + share]
+    one_edit = mine[0]
+    saved = backup(bundle.model, editor.parameters_to_touch([one_edit]))
+    editor.apply([one_edit])  # warm-up outside the timed window
+    restore(bundle.model, saved)
+    out.put(("ready", os.getpid()))
+    start = time.perf_counter()
+    for case in mine:
+        saved = backup(bundle.model, editor.parameters_to_touch([case]))
+        editor.apply([case])
+        restore(bundle.model, saved)
+    out.put(("done", time.perf_counter() - start, len(mine)))
+
+
+def cases_per_second(model: str, editor_name: str, n: int, processes: int, threads: int) -> dict[str, Any]:
+    """n edits shared by `processes` processes of `threads` threads, started together after their warm-up."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    share = n // processes
+    workers = [ctx.Process(target=_worker, args=(model, editor_name, n, threads, i * share, share, queue))
+               for i in range(processes)]
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in range(2 * processes)]
+    for w in workers:
+        w.join()
+    spans = [r[1] for r in results if r[0] == "done"]
+    done = sum(r[2] for r in results if r[0] == "done")
+    return {"processes": processes, "threads": threads, "edits": done, "seconds": max(spans),
+            "cases_per_second": done / max(spans)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--editor", default="rome")
+    parser.add_argument("--cases", type=int, default=2, help="edits timed per measurement (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for parts 1 and 2 (default 1)")
+    parser.add_argument("--skip-phases", action="store_true", help="skip part 1 (a full case with circuits)")
+    parser.add_argument("--skip-scaling", action="store_true", help="skip part 3 (workers against threads)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    result: dict[str, Any] = {"model": args.model, "editor": args.editor, "torch": torch.__version__,
+                              "cpu_count": os.cpu_count(), "threads": args.threads}
+    bundle, editor, data, cases = setup(args.model, args.editor, args.cases + 1, args.threads)
+    result["matmul_flops_per_second"] = matmul_rate(args.threads)
+    timings, flops = edit_seconds_and_flops(bundle, editor, cases[1:])
+    floor = flops / result["matmul_flops_per_second"]
+    wall, cpu = statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
+    result.update(edit_wall_seconds=[t[0] for t in timings], edit_cpu_seconds=[t[1] for t in timings],
+                  edit_flops=flops, edit_floor_seconds=floor, edit_wall_over_floor=wall / floor,
+                  edit_cpu_over_floor=cpu / (floor * args.threads))
+    print(json.dumps(result, indent=2), flush=True)
+    if not args.skip_phases:
+        totals: dict[str, float] = defaultdict(float)
+        cfg = RunConfig(editor=args.editor, model=args.model, device="cpu", ppl_texts=8)
+        pool = run_module.CorruptionPool.from_cases(data.cases)
+        start = time.perf_counter()
+        with phase_timer(totals):
+            run_module.run_case(bundle, editor, cases[1], pool, cfg, Path(tempfile.mkdtemp(prefix="throughput-")))
+        result["case_seconds"] = time.perf_counter() - start
+        result["phase_seconds"] = {PHASES[k]: round(v, 2) for k, v in totals.items()}
+        print(json.dumps(result["phase_seconds"], indent=2), flush=True)
+    if not args.skip_scaling:
+        n = 2 * args.cases
+        result["scaling"] = [cases_per_second(args.model, args.editor, n, 2, 1),
+                             cases_per_second(args.model, args.editor, n, 1, 2)]
+        result["two_workers_over_two_threads"] = (result["scaling"][0]["cases_per_second"]
+                                                  / result["scaling"][1]["cases_per_second"])
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
