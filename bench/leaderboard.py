@@ -27,7 +27,8 @@ from typing import Any, Callable
 from tabulate import tabulate
 
 from bench.lens import TOP_K, lens_summary
-from bench.results import COLLAPSE_CRITERION, COLLAPSE_PPL_RATIO, FAMILIES, METRICS, read_case_lines, read_cases, summarize
+from bench.results import (COLLAPSE_CRITERION, FAMILIES, METRICS, ppl_collapsed, read_case_lines, read_cases,
+                           summarize)
 
 # metrics left out of the markdown table (still in JSON and CSV)
 HIDDEN_IN_MARKDOWN = {"paraphrase_magnitude", "neighborhood_magnitude", "seconds_per_circuit"}
@@ -242,12 +243,19 @@ def _numeric(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def curve_collapsed(points: list[dict[str, Any]]) -> bool:
-    """A sequential curve collapsed when its last perplexity is over 10x the first, or not finite."""
+def collapsed_at(points: list[dict[str, Any]]) -> int | None:
+    """The edits after which a sequential curve first collapsed (a point's perplexity over 10x the first
+    point's, or not finite; COLLAPSE_CRITERION), None when it never did."""
     if not points or _numeric(points[0].get("ppl")) is None:
-        return False
-    last = _numeric(points[-1].get("ppl"))
-    return last is None or not math.isfinite(last) or last / points[0]["ppl"] > COLLAPSE_PPL_RATIO
+        return None
+    for point in points[1:]:
+        if point.get("collapsed") or ppl_collapsed(point.get("ppl"), points[0]["ppl"]):
+            return point.get("n_edits")
+    return None
+
+
+def curve_collapsed(points: list[dict[str, Any]]) -> bool:
+    return collapsed_at(points) is not None
 
 
 def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
@@ -262,7 +270,8 @@ def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
         ppl0, ppl1 = _numeric(first.get("ppl")), _numeric(last.get("ppl"))
         drift = ppl1 - ppl0 if ppl0 is not None and ppl1 is not None else None
         values = [_numeric(last.get(k)) for k in ("efficacy", "paraphrase", "neighborhood", "score")]
-        mark = f" {COLLAPSED_MARK}" if curve_collapsed(points) else ""
+        at = collapsed_at(points)
+        mark = "" if at is None else f" {COLLAPSED_MARK} at {at} edits"
         body.append([f"{row.label} [{index}]{mark}", last.get("n_edits"),
                      *("–" if v is None else number(v) for v in (*values, ppl0, ppl1, drift))])
     return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""

@@ -75,4 +75,7 @@ def wiki_perplexity(model: torch.nn.Module, tokenizer, device: torch.device | st
     nll, count = token_nll_sum(model, tokenizer, device, texts, max_len, batch_size)
     if count == 0:
         raise ValueError("perplexity needs at least one text of two or more tokens")
-    return math.exp(nll / count)
+    try:
+        return math.exp(nll / count)
+    except OverflowError:  # a collapsed model: a mean NLL over ~709 nats
+        return math.inf

@@ -471,14 +471,21 @@ COLLAPSE_PPL_RATIO = 10.0
 COLLAPSE_CRITERION = f"ppl_post / ppl_pre > {COLLAPSE_PPL_RATIO:g}, or a non-finite ppl_post"
 
 
+def ppl_collapsed(ppl: float | None, ppl_base: float | None) -> bool:
+    """COLLAPSE_CRITERION on one perplexity against the unedited one (False without a base)."""
+    base = _number(ppl_base)
+    if base is None:
+        return False
+    value = _number(ppl)
+    return value is None or value / base > COLLAPSE_PPL_RATIO
+
+
 def collapsed(record: dict[str, Any]) -> bool:
     """Whether the edit collapsed the model: held-out perplexity more than 10x the unedited one, or not
     finite (a non-finite value is stored as null). False when the case has no perplexity."""
-    pre = _number(record.get("ppl_pre"))
-    if pre is None or "ppl_post" not in record:
+    if "ppl_post" not in record:
         return False
-    post = _number(record.get("ppl_post"))
-    return post is None or post / pre > COLLAPSE_PPL_RATIO
+    return ppl_collapsed(record.get("ppl_post"), record.get("ppl_pre"))
 
 
 def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from bench.lens import case_lens
 from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics
 from bench.models import ModelBundle, load_model
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
-from bench.results import RunWriter, read_cases
+from bench.results import COLLAPSE_CRITERION, RunWriter, ppl_collapsed, read_cases
 from bench.scoring import (case_target_nll, counterfact_scores, drift_kl, harmonic_mean, neighborhood_next_token,
                            top1_matches)
 from circuits.activations import PairBatch
@@ -432,11 +432,32 @@ def _save_circuits(folder: Path, case_id: str, circuits: dict[str, Circuit | Non
 
 # --- sequential (lifelong) editing ---------------------------------------------------------------
 
+def layer_of(name: str) -> int | None:
+    """The block index in a parameter name (model.layers.4.mlp.down_proj.weight -> 4), None outside blocks."""
+    found = re.search(r"\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+@torch.no_grad()
+def weight_norms(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """For every tensor edited so far, in layer order: its layer, ||W_t - W_0|| and ||W_t|| (Frobenius,
+    float32), and ||W_0||."""
+    rows = []
+    for name, start in originals.items():
+        now = parameter(model, name).detach().float()
+        rows.append({"tensor": name, "layer": layer_of(name), "delta_norm": float((now - start.float()).norm()),
+                     "norm": float(now.norm()), "norm_0": float(start.float().norm())})
+    return sorted(rows, key=lambda r: (r["layer"] is None, r["layer"] or 0, r["tensor"]))
+
+
 @torch.no_grad()
 def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, bool]],
-                texts: tuple[str, ...] | None, started: float) -> dict[str, Any]:
+                texts: tuple[str, ...] | None, started: float, originals: dict[str, torch.Tensor] | None = None,
+                ppl_base: float | None = None) -> dict[str, Any]:
     """Re-scores every case so far on the current weights: efficacy, paraphrase and magnitude over the
-    cases whose edit is in the model, neighbourhood over all cases so far; plus held-out perplexity."""
+    cases whose edit is in the model, neighbourhood over all cases so far; plus held-out perplexity, its
+    ratio to the unedited model's (ppl_base), the collapse flag (COLLAPSE_CRITERION) and the norms of the
+    weights edited so far."""
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     scores = [(counterfact_scores(case_target_nll(model, tok, editor.evaluation_case(case), dev)), ok)
               for case, ok in seen]
@@ -454,8 +475,13 @@ def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, 
     }
     parts = [point["efficacy"], point["paraphrase"], point["neighborhood"]]
     point["score"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
-    point["ppl"] = held_out_perplexity(bundle, texts)
+    ppl = held_out_perplexity(bundle, texts)
+    point["ppl"] = ppl if ppl is None or math.isfinite(ppl) else None
     point["n_ppl_texts"] = len(texts) if texts else 0
+    base = point["ppl"] if ppl_base is None else ppl_base
+    point["ppl_ratio"] = None if base is None or point["ppl"] is None else point["ppl"] / base
+    point["collapsed"] = texts is not None and ppl_collapsed(point["ppl"], base)
+    point["weights"] = weight_norms(bundle.model, originals or {})
     point["seconds"] = round(time.perf_counter() - started, 2)
     return point
 
@@ -485,6 +511,14 @@ def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], p
     if not points:
         points.append(curve_point(bundle, editor, seen, texts, started))
         _append_jsonl(curve_path, points[-1])
+
+    def add_point() -> None:
+        points.append(curve_point(bundle, editor, seen, texts, started, originals, points[0]["ppl"]))
+        _append_jsonl(curve_path, points[-1])
+        if points[-1]["collapsed"] and not any(p.get("collapsed") for p in points[:-1]):
+            log.warning("sequential: the model collapsed after %d edits: held-out perplexity %s, %.1fx the "
+                        "unedited %s (%s)", points[-1]["n_edits"], points[-1]["ppl"], points[-1]["ppl_ratio"] or
+                        float("nan"), points[0]["ppl"], COLLAPSE_CRITERION)
     try:
         with tqdm(total=len(cases), initial=len(seen), desc=f"{cfg.editor} sequential edits", unit="case") as bar:
             for index, batch in enumerate(batches(cases, cfg.batch_size)):
@@ -501,12 +535,10 @@ def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], p
                 check_systematic(read_cases(writer.cases_path))
                 n_edits = sum(ok for _, ok in seen)
                 if n_edits // cfg.eval_every > points[-1]["n_edits"] // cfg.eval_every:
-                    points.append(curve_point(bundle, editor, seen, texts, started))
-                    _append_jsonl(curve_path, points[-1])
+                    add_point()
                     save_checkpoint(writer.dir, bundle.model, editor, originals, seen, points, index + 1)
         if len(seen) > points[-1]["n_cases"]:
-            points.append(curve_point(bundle, editor, seen, texts, started))
-            _append_jsonl(curve_path, points[-1])
+            add_point()
         (writer.dir / "checkpoint.pt").unlink(missing_ok=True)
         return points
     finally:
@@ -821,6 +853,9 @@ def final_curve_fields(points: list[dict[str, Any]]) -> dict[str, Any]:
     fields = {f"sequential_{key}": last[key] for key in ("n_edits", "efficacy", "paraphrase", "neighborhood",
                                                          "score", "ppl")}
     fields["sequential_ppl_base"] = points[0]["ppl"]
+    first = next((p for p in points if p.get("collapsed")), None)
+    fields["sequential_collapsed_at"] = None if first is None else first["n_edits"]
+    fields["collapse_criterion"] = COLLAPSE_CRITERION
     return fields
 
 

@@ -288,3 +288,16 @@ def test_a_collapsed_run_is_marked_and_no_cell_exceeds_four_significant_figures(
     assert main(["leaderboard", "--runs", str(runs), "--format", "json"]) == 0
     rows = {r["editor"]: r for g in json.loads(capsys.readouterr().out)["groups"] for r in g["rows"]}
     assert rows["kn"]["n_collapsed"] == 2 and rows["rome"]["n_collapsed"] == 0
+
+
+def test_a_curve_is_marked_at_its_first_collapsed_point_even_if_it_recovers():
+    from bench.leaderboard import collapsed_at
+
+    def curve(*ppls):
+        return [{"n_edits": 5 * i, "ppl": p} for i, p in enumerate(ppls)]
+
+    assert collapsed_at(curve(20.0, 150.0, 210.0)) == 10  # 7.5x, then 10.5x
+    assert collapsed_at(curve(20.0, 150.0, 200.0)) is None  # exactly 10x is not past the threshold
+    assert collapsed_at(curve(20.0, 250.0, 40.0)) == 5  # a point past 10x, then back
+    assert collapsed_at(curve(20.0, None)) == 5  # a non-finite perplexity is stored as null
+    assert collapsed_at(curve(None, 1e9)) is None  # no base perplexity: no criterion

@@ -204,13 +204,64 @@ def test_sequential_curve_points_and_bitwise_restore(tiny_model, tmp_path, monke
         editor.apply([cases[1]])
         scores = [counterfact_scores(case_target_nll(model, tok, c, dev)) for c in cases[:2]]
         ppl_two = wiki_perplexity(model, tok, dev, list(texts))
+        norms = {n: (float((w - original[n]).norm()), float(w.norm()), float(original[n].norm()))
+                 for n, w in weights(tiny_model, names).items()}
     finally:
         restore(model, original)
     point = points[1]
+    assert points[0]["weights"] == [] and points[0]["ppl_ratio"] == 1.0 and points[0]["collapsed"] is False
+    assert {w["tensor"] for w in point["weights"]} == set(names)
+    for row in point["weights"]:
+        delta, norm, norm_0 = norms[row["tensor"]]
+        assert delta > 0 and row["layer"] == bench.run.layer_of(row["tensor"]) is not None
+        assert (row["delta_norm"], row["norm"], row["norm_0"]) == pytest.approx((delta, norm, norm_0), rel=1e-5)
+    assert point["ppl_ratio"] == pytest.approx(ppl_two / base_ppl, rel=1e-6) and point["collapsed"] is False
     for key, field in (("efficacy", "efficacy_score"), ("paraphrase", "paraphrase_score"),
                        ("neighborhood", "neighborhood_score"), ("efficacy_magnitude", "efficacy_magnitude")):
         assert point[key] == pytest.approx(sum(s[field] for s in scores) / 2, rel=1e-5, abs=1e-9), key
     assert point["ppl"] == pytest.approx(ppl_two, rel=1e-6) and point["ppl"] != points[0]["ppl"]
+
+
+def blowup_noise(weight: torch.Tensor) -> torch.Tensor:
+    return 10.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)).to(weight)
+
+
+def output_weight_name(bundle) -> str:
+    head = bundle.model.get_output_embeddings().weight
+    return next(n for n, p in bundle.model.named_parameters() if p is head)
+
+
+@register("test-blowup")
+class BlowupEditor(AddEditor):
+    """Test-only: the third case and later add fixed noise of scale 10 to the unembedding (a random-init
+    model's near-uniform predictions become sharp and wrong)."""
+
+    def parameters_to_touch(self, cases):
+        return [output_weight_name(self.bundle)]
+
+    def apply(self, cases):
+        self.calls.append([c.case_id for c in cases])
+        if len(self.calls) >= 3:
+            with torch.no_grad():
+                weight = self.bundle.model.get_output_embeddings().weight
+                weight.add_(blowup_noise(weight))
+        return EditOutcome(layers=[], stats={})
+
+
+def test_sequential_curve_flags_collapse_at_the_first_point_past_ten_times_the_perplexity(tiny_model, tmp_path,
+                                                                                         monkeypatch):
+    texts = TEXTS[:3]
+    monkeypatch.setattr(bench.run, "heldout_for_ppl", lambda n: texts if n else None)
+    editor = BlowupEditor(tiny_model, {})
+    cfg = RunConfig(editor="test-blowup", circuits=False, sequential=True, eval_every=1, curve_ppl_texts=3)
+    points = run_sequential(tiny_model, editor, facts(4), ["France"], cfg, RunWriter(tmp_path / "run", {"editor": "x"}))
+    ratios = [p["ppl_ratio"] for p in points]
+    assert ratios[:3] == [1.0, 1.0, 1.0] and ratios[3] > 10  # the hand-made blow-up really is one
+    assert [p["collapsed"] for p in points] == [False, False, False, True, True]
+    noise = float(blowup_noise(tiny_model.model.get_output_embeddings().weight).norm())
+    assert [round(p["weights"][0]["delta_norm"] / noise, 4) for p in points[1:]] == [0.0, 0.0, 1.0, 2.0]
+    fields = bench.run.final_curve_fields(points)
+    assert fields["sequential_collapsed_at"] == 3 and "> 10" in fields["collapse_criterion"]
 
 
 def no_hparams(tmp_path) -> str:
