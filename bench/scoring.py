@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.data import EditCase
-from bench.tokens import build_batch, next_token_logprobs, target_token_logprobs_from_logits
+from bench.tokens import TargetBatch, build_batch, next_token_logprobs, target_token_logprobs_from_logits
 
 PROMPT_GROUPS = ("rewrite", "paraphrase", "neighborhood")
 
@@ -47,6 +47,20 @@ def case_prompts(case: EditCase) -> dict[str, list[tuple[str, str]]]:
             "neighborhood": list(case.neighborhood)}
 
 
+def target_token_logprobs(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
+    """log p(target token j | prompt, target tokens < j): [B, J], 0 at padded positions. Only the target
+    positions go through the unembedding (the full logits would cost d_model x vocab at every position);
+    each row's logits are the same numbers the full forward gives there."""
+    base, head = getattr(model, "base_model", model), getattr(model, "get_output_embeddings", lambda: None)()
+    if base is model or head is None:  # not a Hugging Face causal LM with a separate head: the full logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return target_token_logprobs_from_logits(logits.float(), batch)
+    hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    picked = hidden.gather(1, batch.logit_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    token_lp = head(picked).float().log_softmax(-1).gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
+    return token_lp * batch.target_mask
+
+
 @torch.no_grad()
 def case_target_nll(model: torch.nn.Module, tokenizer, case: EditCase, device: torch.device) -> CaseTargetNLL:
     """Every prompt with both targets, in a single batched forward pass."""
@@ -57,8 +71,7 @@ def case_target_nll(model: torch.nn.Module, tokenizer, case: EditCase, device: t
             prompts += [prompt, prompt]
             targets += [case.target_new, true_answer]
     batch = build_batch(tokenizer, prompts, targets, device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    token_lp = target_token_logprobs_from_logits(logits.float(), batch).double()
+    token_lp = target_token_logprobs(model, batch).double()
     sums = token_lp.sum(-1)
     nll = (-sums / batch.target_mask.sum(-1)).tolist()
     pairs, row = {}, 0

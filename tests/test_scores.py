@@ -210,3 +210,25 @@ def test_records_without_per_prompt_nlls_give_no_counterfact_scores():
     """Older runs compared summed log-probabilities: a different protocol, so no ES rather than a wrong one."""
     old = {"status": "ok", "post": {"efficacy_score": 1.0, "paraphrase_score": 1.0, "neighborhood_score": 1.0}}
     assert "efficacy_score" not in summarize([old])["metrics"]
+
+
+def test_target_position_logprobs_equal_the_full_forwards(tiny_model, one_thread):
+    """Scoring sends only the target positions through the unembedding; the log-probs are those of the full
+    logits (HF's forward, every position) at the same places."""
+    from bench.data import load_dataset
+    from bench.scoring import case_prompts, target_token_logprobs
+    from bench.tokens import build_batch, target_token_logprobs_from_logits
+
+    case = load_dataset("facts").cases[0]
+    prompts, targets = [], []
+    for rows in case_prompts(case).values():
+        for prompt, true_answer in rows:
+            prompts += [prompt, prompt]
+            targets += [case.target_new, true_answer]
+    batch = build_batch(tiny_model.tokenizer, prompts, targets, tiny_model.device)
+    with torch.no_grad():
+        full = tiny_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        expected = target_token_logprobs_from_logits(full.float(), batch)
+        got = target_token_logprobs(tiny_model.model, batch)
+    assert got.shape == expected.shape and bool(batch.target_mask.any())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
