@@ -681,11 +681,11 @@ def read_curve(path: Path) -> list[dict[str, Any]]:
     return sorted(points, key=lambda p: p["n_edits"])
 
 
-def plot_sequential(runs: list[RunRow], title: str, path: Path) -> bool:
-    """One panel per curve field, one line per editor (its latest sequential run)."""
+def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial: bool = False) -> bool:
+    """One panel per curve field, one line per editor (its latest sequential run, as in the table)."""
     import matplotlib.pyplot as plt
 
-    latest = {run.label: run for rows in latest_sequential(runs).values() for run in rows}
+    latest = {run.label: run for rows in latest_sequential(runs, include_partial).values() for run in rows}
     curves = {label: read_curve(run.path / "sequential.jsonl") for label, run in sorted(latest.items())}
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
@@ -710,8 +710,8 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path) -> bool:
     return True
 
 
-def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]], folder: Path
-                ) -> list[tuple[tuple[str, str], Path]]:
+def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]], folder: Path,
+                include_partial: bool = False) -> list[tuple[tuple[str, str], Path]]:
     """Writes the PNGs; returns ((model, dataset), path) for each."""
     import matplotlib
 
@@ -732,7 +732,8 @@ def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]],
         if rows and plot_logit_lens(rows, title, path):
             written.append(((model, dataset), path))
         path = folder / f"{stem}__sequential.png"
-        if plot_sequential([r for r in runs if (r.model, r.dataset) == (model, dataset)], title, path):
+        same_group = [r for r in runs if (r.model, r.dataset) == (model, dataset)]
+        if plot_sequential(same_group, title, path, include_partial):
             written.append(((model, dataset), path))
     return written
 
@@ -775,7 +776,8 @@ def main(args: Any) -> int:
     charts: dict[tuple[str, str], list[str]] = {}
     if plots:
         runs = load_runs(runs_dir)
-        for key, path in write_plots(runs, grouped(latest_rows(runs, include_partial)), Path(plots)):
+        for key, path in write_plots(runs, grouped(latest_rows(runs, include_partial)), Path(plots),
+                                     include_partial):
             print(f"wrote {path}")
             base = Path(args.output).resolve().parent if args.output else Path.cwd()
             charts.setdefault(key, []).append(os.path.relpath(path.resolve(), base))

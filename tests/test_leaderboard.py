@@ -301,3 +301,16 @@ def test_a_curve_is_marked_at_its_first_collapsed_point_even_if_it_recovers():
     assert collapsed_at(curve(20.0, 250.0, 40.0)) == 5  # a point past 10x, then back
     assert collapsed_at(curve(20.0, None)) == 5  # a non-finite perplexity is stored as null
     assert collapsed_at(curve(None, 1e9)) is None  # no base perplexity: no criterion
+
+
+def test_a_partial_sequential_run_is_plotted_only_with_include_partial(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    curve = [{"n_edits": k, "efficacy": 1.0, "neighborhood": 0.9, "ppl": 20.0} for k in (0, 5)]
+    write_run(runs, "r1-rome-seq", "rome", "m1", "facts", "2026-01-04T00:00:00", [record(1.0, 1.0, 1.0, 0.0, 0.9)],
+              sequential=curve)
+    manifest = json.loads((runs / "r1-rome-seq" / "manifest.json").read_text())
+    (runs / "r1-rome-seq" / "manifest.json").write_text(json.dumps(dict(manifest, status="interrupted")))
+    for flag, expected in (([], False), (["--include-partial"], True)):
+        plots = tmp_path / f"plots{len(flag)}"
+        assert main(["leaderboard", "--runs", str(runs), "--plots", str(plots), *flag]) == 0
+        assert (plots / "m1__facts__sequential.png").exists() == expected
