@@ -345,11 +345,15 @@ def run_sharded(ray: Any, planned: Planned, options: SweepOptions, bar: tqdm, su
     place = Placement.of(ray, options.workers, options.workers_per_gpu, options.threads_per_worker, cfg.device)
     worker_cls = worker_class(ray).options(num_cpus=place.num_cpus, num_gpus=place.num_gpus)
 
+    selected = {"stored": stored}
+
     def new_worker() -> Any:
-        return worker_cls.remote(cfg, stored, options.threads_per_worker)
+        return worker_cls.remote(cfg, selected["stored"], options.threads_per_worker)
 
     first = new_worker()
     manifest = first_manifest(ray, first, sweep_run)
+    # the other workers take the first one's selection of cases (and skip the known-fact scan)
+    selected["stored"] = stored or {"case_ids": manifest["case_ids"], "cases": manifest["cases"]}
     writer = open_writer(cfg, manifest, stored, previous)
     remember(Path(cfg.output), sweep_run.key, writer.dir, suite)
     writer.manifest["sweep"] = {"suite": str(suite), "workers": place.workers, "num_cpus": place.num_cpus,
