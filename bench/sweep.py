@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections import deque
@@ -134,11 +135,26 @@ def import_ray():
     return ray
 
 
+def check_reachable(address: str, timeout_s: float) -> None:
+    """A host:port address (also ray://host:port) must accept a TCP connection: ray.init on an address
+    where nothing listens retries without end."""
+    target = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray resolves them itself and fails at once when there is no cluster
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout_s, 30.0)).close()
+    except OSError as exc:
+        raise SweepError(f"Ray did not start at {address}: nothing answers there ({exc.strerror or exc})") from None
+
+
 def start_ray(address: str | None, timeout_s: float) -> None:
     """ray.init on this machine (address None) or joining a cluster. A raylet on a busy machine may miss
     Ray's own 30 s start window (ray-project/ray#62883), so a local start is retried until timeout_s;
     what still fails is one error, never a fallback to running without Ray."""
     ray = import_ray()
+    if address is not None:
+        check_reachable(address, timeout_s)
     repo = str(Path(__file__).resolve().parent.parent)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
            **{k: v for k, v in os.environ.items() if k.startswith("KEBENCH_") or k == "HF_HOME"}}

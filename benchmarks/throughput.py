@@ -1,8 +1,9 @@
-"""Throughput: where one case's time goes, one edit against its FLOP floor, and workers against threads.
+"""Throughput: scoring cost, where one case's time goes, one edit against its FLOP floor, workers against threads.
 
     python -m benchmarks.throughput --model smollm2-135m --editor rome --cases 2 \
         --json benchmarks/results/throughput-cpu.json
 
+0. Scoring: one case's CounterFact scoring batch from the full logits against the target positions only.
 1. Phases of one `bench run` case (the run's own code, bench.run.run_case, timed per phase by wrapping the
    functions it calls): pre-scores, edit, post-scores, circuits, held-out perplexity.
 2. The edit against its floor: the floating-point operations the edit executes (torch's FlopCounterMode,
@@ -78,6 +79,35 @@ def phase_timer(totals: dict[str, float]) -> Iterator[None]:
             setattr(run_module, name, fn)
 
 
+def scoring_full_against_target_positions(bundle: Any, cases: list) -> dict[str, Any]:
+    """case_target_nll's batch scored from HF's full logits and from the target positions only
+    (bench.scoring.target_token_logprobs): process CPU seconds of each, and whether they agree bitwise."""
+    from bench.scoring import case_prompts, target_token_logprobs
+    from bench.tokens import build_batch, target_token_logprobs_from_logits
+
+    cpu_full = cpu_targets = 0.0
+    equal, worst = 0, 0.0
+    for case in cases:
+        prompts, targets = [], []
+        for rows in case_prompts(case).values():
+            for prompt, true_answer in rows:
+                prompts += [prompt, prompt]
+                targets += [case.target_new, true_answer]
+        batch = build_batch(bundle.tokenizer, prompts, targets, bundle.device)
+        with torch.no_grad():
+            start = time.process_time()
+            logits = bundle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            full = target_token_logprobs_from_logits(logits.float(), batch)
+            middle = time.process_time()
+            only = target_token_logprobs(bundle.model, batch)
+            cpu_targets += time.process_time() - middle
+        cpu_full += middle - start
+        equal += bool(torch.equal(full, only))
+        worst = max(worst, float((full - only).abs().max()))
+    return {"cases": len(cases), "bitwise_equal": equal, "max_abs_difference": worst,
+            "cpu_seconds_full_logits": cpu_full, "cpu_seconds_target_positions": cpu_targets}
+
+
 def setup(model: str, editor_name: str, n: int, threads: int):
     torch.set_num_threads(threads)
     bundle = load_model(model, "cpu")
@@ -151,6 +181,8 @@ def main() -> None:
     parser.add_argument("--editor", default="rome")
     parser.add_argument("--cases", type=int, default=2, help="edits timed per measurement (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for parts 1 and 2 (default 1)")
+    parser.add_argument("--scoring-cases", type=int, default=10, help="facts for the scoring comparison (default 10)")
+    parser.add_argument("--only-scoring", action="store_true", help="part 0 only")
     parser.add_argument("--skip-phases", action="store_true", help="skip part 1 (a full case with circuits)")
     parser.add_argument("--skip-scaling", action="store_true", help="skip part 3 (workers against threads)")
     parser.add_argument("--json", default=None)
@@ -158,7 +190,14 @@ def main() -> None:
 
     result: dict[str, Any] = {"model": args.model, "editor": args.editor, "torch": torch.__version__,
                               "cpu_count": os.cpu_count(), "threads": args.threads}
-    bundle, editor, data, cases = setup(args.model, args.editor, args.cases + 1, args.threads)
+    bundle, editor, data, cases = setup(args.model, args.editor, max(args.cases + 1, args.scoring_cases),
+                                        args.threads)
+    result["scoring"] = scoring_full_against_target_positions(bundle, cases[:args.scoring_cases])
+    print(json.dumps(result["scoring"], indent=2), flush=True)
+    if args.only_scoring:
+        write(result, args.json)
+        return
+    cases = cases[:args.cases + 1]
     result["matmul_flops_per_second"] = matmul_rate(args.threads)
     timings, flops = edit_seconds_and_flops(bundle, editor, cases[1:])
     floor = flops / result["matmul_flops_per_second"]
@@ -183,10 +222,14 @@ def main() -> None:
                              cases_per_second(args.model, args.editor, n, 1, 2)]
         result["two_workers_over_two_threads"] = (result["scaling"][0]["cases_per_second"]
                                                   / result["scaling"][1]["cases_per_second"])
+    write(result, args.json)
+
+
+def write(result: dict[str, Any], path: str | None) -> None:
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

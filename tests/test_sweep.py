@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,3 +162,14 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(tmp_path, cache,
     sharded, serial = only_run(tmp_path / "sweep"), only_run(tmp_path / "serial")
     rows = untimed(sharded / "cases.jsonl")
     assert len(rows) == n and rows == untimed(serial / "cases.jsonl")
+
+
+@requires_ray
+def test_an_address_where_nothing_listens_is_one_error_line(tmp_path, capsys):
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    suite = write_suite(tmp_path, SUITE.format(seed=0, run="{n: 1}"))
+    assert main(["sweep", str(suite), "--output", str(tmp_path / "out"), "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: Ray did not start at 127.0.0.1:{port}: nothing answers")
