@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from bench.data import DatasetError
 from bench.lre import LRE_ROOT, Relation, load_relation
 from bench.relation_circuits import KC_SHUFFLE_SEED, Fact, answer_ranks, kc_template, relation_facts
+from lmview.case import DatasetError
 
 OUTPUT_ROOT = Path("analyses-out")
 
@@ -96,7 +96,7 @@ def corrupting_prompt(tokenizer, prompt: str, subject: str, samples, forbidden: 
     """The prompt with another subject of the relation (last occurrence swapped, same token length) none of
     whose objects starts with a token in `forbidden`; with that subject's answer token. None if no
     subject fits."""
-    from bench.tokens import prompt_ids, target_ids
+    from lmview.tokens import prompt_ids, target_ids
 
     firsts: dict[str, set[int]] = {}
     for s, o in samples:
@@ -136,7 +136,7 @@ def node_difference(a, b) -> dict[str, Any]:
 @torch.no_grad()
 def next_tokens(bundle, prompts: list[str], chunk: int = 16) -> list[int]:
     """The model's top-1 next token after each prompt."""
-    from bench.tokens import prompt_ids
+    from lmview.tokens import prompt_ids
 
     tok = bundle.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -34,10 +34,10 @@ import yaml
 
 from bench.data import load_dataset
 from bench.results import METRICS, git_commit, now
+from lmview.paths import REPO_ROOT
 
 log = logging.getLogger("bench")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SUITE = REPO_ROOT / "leaderboard" / "suite.yaml"
 DEFAULT_BASELINE = REPO_ROOT / "leaderboard" / "baseline.json"
 # RunConfig fields the suite sets itself; the others may be given under `run:`

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bench.models import DEFAULT_MODEL
+from lmview.models import DEFAULT_MODEL
 
 log = logging.getLogger("bench")
 
@@ -157,7 +157,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.run import run
 
     if args.resume:
-        from bench.resume import resume_config
+        from bench.run import resume_config
 
         run_dir, summary = run(resume_config(Path(args.resume), _given_options(args)), resume=Path(args.resume))
     else:
@@ -191,7 +191,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             doc = (cls.__doc__ or "").strip().splitlines()
             print(f"{name:16s} {doc[0] if doc else ''}")
     elif args.what == "models":
-        from bench.models import MODELS_HELP
+        from lmview.models import MODELS_HELP
 
         for name, text in MODELS_HELP.items():
             print(f"{name:22s} {text}")
@@ -207,14 +207,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from bench.cache import FetchError
-    from bench.data import DatasetError
-    from bench.models import ModelError
     from editors.base import EditorError
+    from lmview.cache import FetchError
+    from lmview.case import DatasetError
+    from lmview.models import ModelError
 
     errors: list[type[BaseException]] = [FetchError, DatasetError, ModelError, EditorError, ValueError, OSError]
     try:
-        from bench.corpus import CorpusError
+        from lmview.corpus import CorpusError
 
         errors.append(CorpusError)
     except ImportError:

@@ -31,12 +31,12 @@ SETTINGS = ("default", "kc")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bench.models import DEFAULT_MODEL
+    from bench.relation_circuits import KC_EXAMPLES
     from circuits.ablation import ABLATIONS
     from circuits.attribute import METHODS
     from circuits.circuit import DEFAULT_TOP_N
     from circuits.metrics import METRICS
-    from bench.relation_circuits import KC_EXAMPLES
+    from lmview.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, hub id or HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--relation", default=None, help="LRE relation name (../shared/data/lre/*/NAME.json) or a path")
@@ -194,10 +194,10 @@ def _inputs(args: argparse.Namespace, bundle) -> tuple[Any, list[tuple[str, str]
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.models import load_model
+    from bench.relation_circuits import build_relation_circuit, facts_as_dicts
     from circuits.draw import circuit_dot, draw_circuit
     from circuits.layers import layer_view, plot_layers
-    from bench.relation_circuits import build_relation_circuit, facts_as_dicts
+    from lmview.models import load_model
 
     _check(args)
     setting = circuit_setting(args)

@@ -33,7 +33,7 @@ def wrong_facts(bundle, relations: list[tuple[str, Path]], n: int, scan: int, an
     """Up to n hallucinated facts, round-robin over the relations (KC's order within each)."""
     from bench.analyses import kc_facts, load, next_tokens
     from bench.hallucination import WrongFact
-    from bench.tokens import target_ids
+    from lmview.tokens import target_ids
 
     tok = bundle.tokenizer
     per_relation: list[list[WrongFact]] = []
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     from bench.analyses import command_line, output_folder, pick_relations, write_json
     from bench.hallucination import hallucination_report
     from bench.lre import LRE_ROOT
-    from bench.models import load_model
+    from lmview.models import load_model
 
     if args.n_facts < 1 or args.scan < 1 or args.top_n < 0:
         raise ValueError("--n-facts and --scan must be at least 1 and --top-n at least 0")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.models import DEFAULT_MODEL
+from lmview.models import DEFAULT_MODEL
 
 NAME = "heads"
 HELP = "classify mover, relation and mixture heads per relation (KC §4.2), with their layers"
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from bench.analyses import command_line, output_folder, pick_relations, write_json
     from bench.heads import CLASSES, HeadRules, relation_report
     from bench.lre import LRE_ROOT
-    from bench.models import load_model
+    from lmview.models import load_model
 
     if args.n_facts < 1 or args.known_top_k < 1 or args.scan < 1:
         raise ValueError("--n-facts, --scan and --known-top-k must be at least 1")

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from bench.models import DEFAULT_MODEL
+from lmview.models import DEFAULT_MODEL
+from lmview.paths import REPO_ROOT
 
 NAME = "hparams"
 HELP = "print an editor's resolved hyperparameters, their sources, and the differences from its published file"
@@ -32,7 +33,6 @@ PUBLISHED: dict[str, tuple[str, str]] = {
 MODEL_FAMILIES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 # the published GPT-2 sizes, for when their config cannot be fetched (offline): (family, layers)
 GPT2_SIZES = {"gpt2": ("gpt2", 12), "gpt2-medium": ("gpt2", 24), "gpt2-large": ("gpt2", 36), "gpt2-xl": ("gpt2", 48)}
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_family(model: str) -> tuple[str, int]:
     """(family, number of layers) from the model's config.json, without loading its weights."""
-    from bench.models import ModelError, model_dir
+    from lmview.models import ModelError, model_dir
 
     try:
         path, _ = model_dir(model)

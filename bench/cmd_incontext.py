@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     from bench.analyses import command_line, output_folder, pick_relations, write_json
     from bench.incontext import incontext_fact, incontext_summary
     from bench.lre import LRE_ROOT
-    from bench.models import load_model
+    from lmview.models import load_model
 
     if args.n_facts < 1 or args.shots < 1 or args.top_n < 1 or args.known_top_k < 1:
         raise ValueError("--n-facts, --shots, --top-n and --known-top-k must be at least 1")

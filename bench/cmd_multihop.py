@@ -51,9 +51,9 @@ def pick_chains(bundle, root: Path, names: set[str] | None, n: int, scan: int, t
 def main(args: argparse.Namespace) -> int:
     from bench.analyses import command_line, output_folder, write_json
     from bench.lre import LRE_ROOT
-    from bench.models import load_model
     from bench.multihop import CHAINS, chain_circuits, hop_lens, multihop_summary
     from bench.relation_circuits import Fact, answer_ranks
+    from lmview.models import load_model
 
     if args.n_facts < 1 or args.top_n < 1 or args.known_top_k < 1:
         raise ValueError("--n-facts, --top-n and --known-top-k must be at least 1")

@@ -56,9 +56,9 @@ def summary_of(report: dict[str, Any]) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     from bench.analyses import command_line, output_folder, pick_relations, relation_kind, write_json
     from bench.lre import LRE_ROOT
-    from bench.models import load_model
     from bench.reuse import reuse_report
     from circuits.circuit import Circuit
+    from lmview.models import load_model
 
     if args.top_n < 1 or not 0 < args.min_share <= 1 or args.n_facts < 2:
         raise ValueError("--top-n must be ≥ 1, --n-facts ≥ 2 and --min-share in (0, 1]")

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from bench.models import DEFAULT_MODEL
+from lmview.models import DEFAULT_MODEL
 
 NAME = "trace"
 HELP = "causal tracing: indirect effect of each (token, layer) state, as heatmaps and a per-layer curve"
@@ -77,10 +77,10 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.corpus import wiki_texts
-    from bench.models import load_model
     from bench.tracing import (CATEGORIES, NOISE_SCALE, average_by_category, embedding_noise_std,
                                last_subject_curve, trace_fact)
+    from lmview.corpus import wiki_texts
+    from lmview.models import load_model
 
     kinds = _check(args)
     bundle = load_model(args.model, args.device)

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from bench.models import DEFAULT_MODEL
+from lmview.models import DEFAULT_MODEL
 
 NAME = "tune"
 HELP = "search a small hyperparameter grid on the dev split of the built-in facts and write the chosen YAML"
@@ -110,8 +110,8 @@ def choose(scored: list[dict[str, Any]]) -> int:
 
 def trace_peak_layer(bundle, cases, seed: int) -> int:
     """The layer where the dev facts' average MLP indirect effect at the last subject token peaks."""
-    from bench.corpus import wiki_texts
     from bench.tracing import embedding_noise_std, last_subject_curve, trace_fact
+    from lmview.corpus import wiki_texts
 
     noise = embedding_noise_std(bundle.model, bundle.tokenizer, wiki_texts()[0][:100])
     traces = [trace_fact(bundle.model, bundle.arch, bundle.tokenizer, c.rewrite_prompt, c.subject, c.target_true,
@@ -124,8 +124,9 @@ def evaluate_point(bundle, editor, cases, texts, ppl_pre: float | None) -> list[
     """Each case edited alone and restored: its post-edit CounterFact scores (as `bench run` computes them) and
     the held-out perplexity after the edit. The pre-edit, generation and circuit measurements of `bench run`
     are skipped: the objective does not use them."""
-    from bench.run import all_finite, apply_edits, backup, held_out_perplexity, restore, touched_parameters
+    from bench.run import all_finite, apply_edits, held_out_perplexity, restore, touched_parameters
     from bench.scoring import case_target_nll, counterfact_scores
+    from lmview.arch import backup
 
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     records = []
@@ -189,11 +190,11 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.data import load_dataset
     from bench.cmd_hparams import shown_path
-    from bench.models import load_model
+    from bench.data import load_dataset
     from bench.run import held_out_perplexity, heldout_for_ppl, select_cases
     from editors.base import HPARAMS_DIR, HPARAMS_FOLDERS, get_editor, load_hparams
+    from lmview.models import load_model
 
     _check(args)
     cls = get_editor(args.editor)

@@ -19,9 +19,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from bench.data import EditCase
-from bench.tokens import prompt_ids, target_ids
 from circuits.activations import PairBatch
+from lmview.case import EditCase
+from lmview.tokens import prompt_ids, target_ids
 
 
 def _norm(answer: str) -> str:

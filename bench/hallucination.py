@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from bench.heads import centred_unembedding, frozen_final_norm, read_heads
-from bench.tokens import prompt_ids, target_ids
+from lmview.tokens import prompt_ids, target_ids
 
 
 @dataclass

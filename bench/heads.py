@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from bench.tokens import prompt_ids, target_ids
 from bench.tracing import subject_token_range
+from lmview.tokens import prompt_ids, target_ids
 
 CLASSES = ("mover", "relation", "mixture")
 TOP_TOKENS = 10

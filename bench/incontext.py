@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench.heads import read_heads
-from bench.tokens import prompt_ids, target_ids
+from lmview.tokens import prompt_ids, target_ids
 
 
 def is_head(node: str) -> bool:

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.arch import ArchSpec
-from bench.tokens import prompt_ids, target_ids
 from bench.tracing import subject_token_range, traced_module
+from lmview.arch import ArchSpec
+from lmview.tokens import prompt_ids, target_ids
 
 PROB_DIGITS = 4  # significant digits kept in cases.jsonl
 ATTENTION_DECIMALS = 3

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.data import REPO_ROOT, DatasetError
+from lmview.case import DatasetError
+from lmview.paths import SHARED_DATA
 
-LRE_ROOT = REPO_ROOT.parent / "shared" / "data" / "lre"
+LRE_ROOT = SHARED_DATA / "lre"
 
 
 @dataclass(frozen=True)

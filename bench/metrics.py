@@ -30,7 +30,7 @@ succeeds when the continuation contains target_new (case-insensitive).
   expression where ROME uses NLTK's word tokenizer.
 * reference score RS: the TF-IDF cosine between the concatenated generations and the concatenated
   reference texts about target_new, computed only when a case carries reference texts. The IDF is fitted
-  on the Wikipedia corpus of bench.corpus with scikit-learn's conventions (lower-cased words of two or more
+  on the Wikipedia corpus of lmview.corpus with scikit-learn's conventions (lower-cased words of two or more
   characters, idf = ln((1+N)/(1+df)) + 1, l2-normalised raw counts); words outside the corpus vocabulary
   are dropped, as ROME's fixed-vocabulary vectorizer does.
 """
@@ -46,8 +46,8 @@ from functools import lru_cache
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from bench.data import EditCase
-from bench.tokens import build_batch, prompt_ids
+from lmview.case import EditCase
+from lmview.tokens import build_batch, prompt_ids
 
 GENERATION_MAX_NEW_TOKENS = 20
 ENTROPY_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
@@ -206,8 +206,8 @@ def tfidf_cosine(a: str, b: str, idf: dict[str, float]) -> float:
 
 @lru_cache(maxsize=1)
 def corpus_idf() -> dict[str, float]:
-    """IDF fitted once per process on the default corpus of bench.corpus (offline Wikipedia summaries)."""
-    from bench.corpus import load_corpus
+    """IDF fitted once per process on the default corpus of lmview.corpus (offline Wikipedia summaries)."""
+    from lmview.corpus import load_corpus
 
     texts, _ = load_corpus()
     return fit_idf(texts)

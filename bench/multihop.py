@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from bench.lens import rank_and_prob, read_prompt, unembed
-from bench.tokens import prompt_ids, target_ids
+from lmview.tokens import prompt_ids, target_ids
 
 # (first relation, second relation): the two-hop question template, {} = the first relation's subject
 CHAINS: dict[tuple[str, str], str] = {

@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from bench.corpus import DEFAULT_CORPUS, wiki_texts
-from bench.tokens import prompt_ids
 from editors.keystats import HELDOUT_TAIL
+from lmview.corpus import DEFAULT_CORPUS, wiki_texts
+from lmview.tokens import prompt_ids, right_padded
 
 DEFAULT_HELDOUT = 32
 
@@ -40,16 +40,6 @@ def overlaps_keystats(n_heldout: int, mom2_n_samples: int, corpus_size: int) -> 
     return mom2_n_samples > 0 and n_heldout > tail
 
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def token_nll_sum(model: torch.nn.Module, tokenizer, device: torch.device | str, texts: list[str],
                   max_len: int = 128, batch_size: int = 8) -> tuple[float, int]:
@@ -60,7 +50,7 @@ def token_nll_sum(model: torch.nn.Module, tokenizer, device: torch.device | str,
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for start in range(0, len(rows), batch_size):
-        ids, mask = _padded(rows[start: start + batch_size], pad, device)
+        ids, mask = right_padded(rows[start: start + batch_size], pad, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         predicted = mask[:, 1:].bool()  # right padding: target t is real iff position t is

@@ -34,9 +34,10 @@ import torch
 
 from bench.corrupt import corrupted_prompt
 from bench.lre import Relation
-from bench.tokens import prompt_ids, target_ids
 from circuits.circuit import Circuit, overlap
 from circuits.relation import (CHUNK, HIT_K, SIZE_GRID, CircuitResult, CircuitSetting, PromptRow, find_circuit)
+from lmview.io import safe_filename
+from lmview.tokens import prompt_ids, right_padded, target_ids
 
 log = logging.getLogger("bench")
 
@@ -111,15 +112,6 @@ def kc_template(relation: Relation) -> str:
 
 # --- filtering and splitting ----------------------------------------------------------------
 
-def _padded(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def answer_ranks(model: torch.nn.Module, tokenizer, facts: list[Fact], device: torch.device) -> list[int]:
     """Rank (1 = top) of each fact's object's first token after its prompt, under the plain model."""
@@ -127,7 +119,7 @@ def answer_ranks(model: torch.nn.Module, tokenizer, facts: list[Fact], device: t
     ranks: list[int] = []
     for start in range(0, len(facts), CHUNK):
         block = facts[start: start + CHUNK]
-        ids, mask = _padded([prompt_ids(tokenizer, f.prompt) for f in block], pad, device)
+        ids, mask = right_padded([prompt_ids(tokenizer, f.prompt) for f in block], pad, device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         last = logits[torch.arange(len(block), device=device), mask.sum(1) - 1].float()
         answers = torch.tensor([target_ids(tokenizer, f.object)[0] for f in block], device=device)
@@ -319,8 +311,9 @@ def relation_source(relation: str, lre_root=None) -> RelationSource | None:
     """The facts of a run case's relation: its LRE file (by name or LRE_ALIASES) when the LRE data is
     present, else the built-in facts file's cases of that relation (their rewrite prompts); None when
     neither has at least MIN_RELATION_FACTS facts."""
-    from bench.data import DatasetError, load_dataset
+    from bench.data import load_dataset
     from bench.lre import LRE_ROOT, load_relation
+    from lmview.case import DatasetError
 
     root = lre_root or LRE_ROOT
     for stem in dict.fromkeys([relation, LRE_ALIASES.get(relation, relation)]):
@@ -424,17 +417,13 @@ def _mean_at(values: list[bool], index: list[int]) -> float | None:
     return sum(values[i] for i in index) / len(index) if index else None
 
 
-def _safe_name(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))
-
-
 def _save_relation_circuits(folder, relation: str, case_id: str, pre: Circuit, post: Circuit) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pre_path = folder / f"relation-{_safe_name(relation)}.pre.json"
+    pre_path = folder / f"relation-{safe_filename(relation)}.pre.json"
     if not pre_path.exists():
         pre.save(pre_path)
-    post.save(folder / f"{_safe_name(case_id)}.relation.post.json")
+    post.save(folder / f"{safe_filename(case_id)}.relation.post.json")
 
 
 _RUN_CACHES: dict[int, tuple[Any, RelationCircuits]] = {}

@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bench.scoring import harmonic_mean, pairs_from_record, scores_from_pairs
+from lmview.io import append_jsonl
+from lmview.paths import REPO_ROOT
 
 CONFIDENCE_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 9999
@@ -208,7 +210,7 @@ def now() -> str:
 
 
 def git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -234,10 +236,12 @@ RUN_STATES = ("running", "interrupted", "failed", "complete")
 
 
 def code_sha256() -> str:
-    """sha256 over the harness's Python sources (bench/, editors/, circuits/): the code version a resume checks."""
-    root = Path(__file__).resolve().parent.parent
+    """sha256 over the harness's Python sources (lmview/, bench/, editors/, circuits/): the code version a resume
+    checks."""
+    root = REPO_ROOT
     digest = hashlib.sha256()
-    for path in sorted(p for package in ("bench", "editors", "circuits") for p in (root / package).rglob("*.py")):
+    packages = ("lmview", "bench", "editors", "circuits")
+    for path in sorted(p for package in packages for p in (root / package).rglob("*.py")):
         digest.update(f"{path.relative_to(root)}\n".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -289,10 +293,7 @@ class RunWriter:
 
     def append(self, record: dict[str, Any]) -> None:
         """One line per case, flushed to disk before the next case starts."""
-        with open(self.cases_path, "a") as handle:
-            handle.write(json.dumps(record, default=_jsonable) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_jsonl(self.cases_path, record, default=_jsonable)
 
     def finish(self, extra: dict[str, Any], status: str = "complete", error: str | None = None) -> dict[str, Any]:
         if status not in RUN_STATES:

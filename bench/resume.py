@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +20,9 @@ import torch
 from bench.results import code_sha256, drop_torn_tail, read_case_lines, run_lock
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
     from bench.run import RunConfig
     from editors.base import Editor
+    from lmview.case import EditCase
 
 log = logging.getLogger("bench")
 
@@ -63,20 +63,6 @@ def check_resumable(run_dir: Path, manifest: dict[str, Any]) -> None:
         log.warning("resume: %s: %s, a case cut off by the interruption; dropped, it runs again", cases, torn)
 
 
-def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
-    """The run's configuration from its manifest; `given` (options set on the command line) must agree."""
-    from bench.run import RunConfig
-
-    stored = stored_manifest(run_dir)["config"]
-    names = {f.name for f in fields(RunConfig)}
-    config = {k: v for k, v in stored.items() if k in names}
-    for key, value in given.items():
-        if key in names and key != "output" and config.get(key) != value:
-            raise ValueError(f"cannot resume {run_dir}: --{key.replace('_', '-')} {value} differs from the run's "
-                             f"{config.get(key)!r}")
-    return RunConfig(**config)
-
-
 def config_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between the run's manifest and the resumed configuration, one phrase each."""
     checks = [
@@ -86,7 +72,7 @@ def config_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]
         ("dataset checksum", (stored.get("dataset") or {}).get("sha256"), (now.get("dataset") or {}).get("sha256")),
         ("seed", stored.get("seed"), now.get("seed")),
         ("mode", stored.get("mode"), now.get("mode")),
-        ("code version (sha256 of bench/, editors/, circuits/)", stored.get("code_sha256"), code_sha256()),
+        ("code version (sha256 of lmview/, bench/, editors/, circuits/)", stored.get("code_sha256"), code_sha256()),
         ("selected cases", stored.get("case_ids"), now.get("case_ids")),
     ]
     config_now = {k: v for k, v in (now.get("config") or {}).items() if k != "output"}
@@ -137,7 +123,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, editor: Editor, origi
     """The edited values of every tensor edited so far, and how far the run got (written atomically)."""
     if keeps_state_outside_weights(editor):
         return
-    from bench.arch import parameter
+    from lmview.arch import parameter
 
     state = {"tensors": {name: parameter(model, name).detach().cpu().clone() for name in originals},
              "seen": [[case.case_id, ok] for case, ok in seen], "n_points": len(points),
@@ -151,8 +137,7 @@ def resume_sequential(run_dir: Path, model: torch.nn.Module, editor: Editor,
                       cases: dict[str, EditCase]) -> SequentialState:
     """Loads the last checkpoint into the model (keeping the originals for the final restore) and cuts
     cases.jsonl and sequential.jsonl back to it; with no checkpoint, the run starts from its first case."""
-    from bench.arch import parameter
-    from bench.run import backup
+    from lmview.arch import backup, parameter
 
     path = run_dir / CHECKPOINT
     cases_path, curve_path = run_dir / "cases.jsonl", run_dir / "sequential.jsonl"

@@ -8,10 +8,8 @@ edits in sequential.jsonl, one bitwise-checked restore at the end).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import re
 import secrets
@@ -19,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -29,15 +27,12 @@ import torch
 from tqdm import tqdm
 
 from bench.corrupt import CorruptionPool, answer_check, prompt_pairs, prompt_sets
-from bench.arch import parameter
-from bench.cache import FetchError
-from bench.corpus import DEFAULT_CORPUS, CorpusError, wiki_texts
-from bench.data import DatasetError, EditCase, LoadedDataset, load_dataset, validate_case
+from bench.data import LoadedDataset, load_dataset
 from bench.integrity import IntegrityError, ModelGuard
 from bench.lens import case_lens
 from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics
-from bench.models import ModelBundle, load_model
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
+from bench.relation_circuits import relation_circuits_for
 from bench.results import COLLAPSE_CRITERION, RunWriter, ppl_collapsed, read_cases
 from bench.scoring import (case_target_nll, counterfact_scores, drift_kl, harmonic_mean, neighborhood_next_token,
                            top1_matches)
@@ -45,8 +40,14 @@ from circuits.activations import PairBatch
 from circuits.circuit import DEFAULT_TOP_N, Circuit, discover, evaluate_circuit, mlp_rank_and_share, overlap
 from circuits.curve import reported_faithfulness
 from circuits.graph import DEFAULT_GRAPH, Graph
-from bench.relation_circuits import relation_circuits_for
 from editors.base import EditOutcome, Editor, get_editor, load_hparams
+from lmview.arch import backup, parameter
+from lmview.cache import FetchError
+from lmview.case import DatasetError, EditCase, validate_case
+from lmview.corpus import DEFAULT_CORPUS, CorpusError, wiki_texts
+from lmview.io import append_jsonl, safe_filename
+from lmview.models import ModelBundle, load_model
+from lmview.paths import REPO_ROOT
 
 log = logging.getLogger("bench")
 
@@ -60,7 +61,7 @@ class SystematicFailure(RuntimeError):
 
 
 SYSTEMATIC_FAILURES = 5  # the run stops when its first this-many cases all failed
-CIRCUITS_DIR = str(Path(__file__).resolve().parent.parent / "circuits")
+CIRCUITS_DIR = str(REPO_ROOT / "circuits")
 
 
 @dataclass
@@ -89,16 +90,26 @@ class RunConfig:
     curve_ppl_texts: int = 32  # held-out Wikipedia texts for each sequential curve point
 
 
+def resume_config(run_dir: Path, given: dict[str, Any]) -> RunConfig:
+    """The run's configuration from its manifest; `given` (options set on the command line) must agree."""
+    from bench.resume import stored_manifest
+
+    stored = stored_manifest(run_dir)["config"]
+    names = {f.name for f in fields(RunConfig)}
+    config = {k: v for k, v in stored.items() if k in names}
+    for key, value in given.items():
+        if key in names and key != "output" and config.get(key) != value:
+            raise ValueError(f"cannot resume {run_dir}: --{key.replace('_', '-')} {value} differs from the run's "
+                             f"{config.get(key)!r}")
+    return RunConfig(**config)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 # --- weight backup and bitwise restore ------------------------------------------
-
-def backup(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    return {name: parameter(model, name).detach().clone() for name in names}
-
 
 @torch.no_grad()
 def restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
@@ -424,7 +435,7 @@ def _save_circuits(folder: Path, case_id: str, circuits: dict[str, Circuit | Non
     """<case>.pre.json, <case>.post.json and the noise-floor and old-answer circuits beside them; with_scores
     also every edge's score of the pre and post circuits (<case>.pre.scores.pt, <case>.post.scores.pt)."""
     folder.mkdir(exist_ok=True)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(case_id))
+    safe = safe_filename(case_id)
     for tag, circuit in circuits.items():
         if circuit is not None:
             circuit.save(folder / f"{safe}.{tag}.json", with_scores=with_scores and tag in ("pre", "post"))
@@ -486,13 +497,6 @@ def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, 
     return point
 
 
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Pool, cfg: RunConfig,
                    writer: RunWriter, guard: ModelGuard | None = None) -> list[dict[str, Any]]:
     """Edits accumulate over the whole run; a curve point goes to sequential.jsonl at 0 edits, after every
@@ -510,11 +514,11 @@ def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], p
     seen, points, first_batch = state.seen, state.points, state.batches_done
     if not points:
         points.append(curve_point(bundle, editor, seen, texts, started))
-        _append_jsonl(curve_path, points[-1])
+        append_jsonl(curve_path, points[-1])
 
     def add_point() -> None:
         points.append(curve_point(bundle, editor, seen, texts, started, originals, points[0]["ppl"]))
-        _append_jsonl(curve_path, points[-1])
+        append_jsonl(curve_path, points[-1])
         if points[-1]["collapsed"] and not any(p.get("collapsed") for p in points[:-1]):
             log.warning("sequential: the model collapsed after %d edits: held-out perplexity %s, %.1fx the "
                         "unedited %s (%s)", points[-1]["n_edits"], points[-1]["ppl"], points[-1]["ppl_ratio"] or
@@ -591,7 +595,7 @@ def run_id(cfg: RunConfig) -> str:
     model = cfg.model.rstrip("/").split("/")[-1]
     dataset = Path(cfg.dataset).stem if "/" in cfg.dataset or cfg.dataset.endswith(".json") else cfg.dataset
     name = f"{stamp}-{cfg.editor}-{model}-{dataset}-{secrets.token_hex(3)}"
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)  # easyedit:rome, lre:x
+    return safe_filename(name)  # easyedit:rome, lre:x
 
 
 def context_length(bundle: ModelBundle) -> int | None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.data import EditCase
-from bench.tokens import TargetBatch, build_batch, next_token_logprobs, target_token_logprobs_from_logits
+from lmview.case import EditCase
+from lmview.tokens import TargetBatch, build_batch, next_token_logprobs, target_token_logprobs_from_logits
 
 PROMPT_GROUPS = ("rewrite", "paraphrase", "neighborhood")
 
@@ -168,7 +168,7 @@ def drift_kl(pre: torch.Tensor, post: torch.Tensor) -> float:
 def top1_matches(model: torch.nn.Module, tokenizer, prompts: list[str], answers: list[str],
                  device: torch.device, batch_size: int = 32) -> list[bool]:
     """Whether the model's greedy next token after each prompt is the answer's first token."""
-    from bench.tokens import target_ids
+    from lmview.tokens import target_ids
 
     hits: list[torch.Tensor] = []
     for start in range(0, len(prompts), batch_size):

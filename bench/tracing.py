@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.arch import ArchSpec
-from bench.tokens import prompt_ids, target_ids
+from lmview.arch import ArchSpec
+from lmview.tokens import prompt_ids, target_ids
 
 KINDS = ("hidden", "mlp", "attn")
 DEFAULT_WINDOW = 10

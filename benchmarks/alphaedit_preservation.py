@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.data import load_dataset  # noqa: E402
-from bench.models import load_model  # noqa: E402
-from bench.run import backup, restore  # noqa: E402
+from bench.run import restore  # noqa: E402
 from editors.base import get_editor, load_hparams  # noqa: E402
 from editors.keystats import second_moment  # noqa: E402
+from lmview.arch import backup  # noqa: E402
+from lmview.models import load_model  # noqa: E402
 
 
 def deltas(bundle, editor, cases) -> dict[int, torch.Tensor]:

@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.corrupt import corrupted_prompt  # noqa: E402
 from bench.lre import load_relation  # noqa: E402
-from bench.models import load_model  # noqa: E402
-from bench.tokens import prompt_ids, target_ids  # noqa: E402
 from circuits.activations import PairBatch, answer_logprob  # noqa: E402
 from circuits.attribute import eap_ig_scores, eap_scores  # noqa: E402
 from circuits.graph import Graph  # noqa: E402
+from lmview.models import load_model  # noqa: E402
+from lmview.tokens import prompt_ids, target_ids  # noqa: E402
 
 
 def relation_batch(bundle, relation_name: str, n: int, seed: int, known_only: bool = True) -> tuple[PairBatch, dict]:

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corrupt import CorruptionPool, answer_check, prompt_pairs, prompt_sets  # noqa: E402
 from bench.data import load_dataset  # noqa: E402
-from bench.models import load_model  # noqa: E402
 from circuits.circuit import discover  # noqa: E402
 from circuits.graph import GRAPHS, Graph  # noqa: E402
+from lmview.models import load_model  # noqa: E402
 
 
 def main() -> int:

@@ -18,9 +18,10 @@ import torch
 
 from bench.data import load_dataset
 from bench.integrity import ModelGuard, fingerprints
-from bench.models import load_model
-from bench.run import backup, restore, sync, touched_parameters
+from bench.run import restore, sync, touched_parameters
 from editors.base import get_editor, load_hparams
+from lmview.arch import backup
+from lmview.models import load_model
 
 
 def timed(fn, device: torch.device) -> float:

@@ -316,9 +316,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    from bench.models import load_model
     from circuits.attribute import eap_ig_scores, eap_scores
     from circuits.graph import Graph
+    from lmview.models import load_model
 
     bundle = load_model(args.model, "cpu")
     batch, info = load_relation_batch()(bundle, args.relation, args.n, args.seed, not args.all_facts)

@@ -16,14 +16,15 @@ import torch
 
 from bench.corrupt import circuit_batch
 from bench.data import load_dataset
-from bench.models import load_model
-from bench.run import backup, restore, select_cases, sync
+from bench.run import restore, select_cases, sync
 from circuits.activations import answer_logprob
 from circuits.attribute import eap_scores
 from circuits.circuit import discover
 from circuits.graph import Graph
 from editors.base import get_editor, load_hparams
 from editors.keystats import _cache_path, second_moment
+from lmview.arch import backup
+from lmview.models import load_model
 
 
 def timed(fn, device: torch.device) -> float:
@@ -68,7 +69,7 @@ def main() -> None:
                      "threads": torch.get_num_threads()}
 
     if not args.skip_stats:
-        from bench.corpus import load_corpus
+        from lmview.corpus import load_corpus
 
         _, identity = load_corpus(stats_args["corpus"])
         cached = _cache_path(bundle, layer, identity, stats_args["n_samples"], stats_args["max_len"])

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from bench.arch import ArchSpec
 from circuits.activations import PairBatch, run_capture
 from circuits.graph import Graph
+from lmview.arch import ArchSpec
 
 ABLATIONS = ("corrupted", "mean", "zero")
 

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench.arch import ArchSpec
 from circuits.graph import Graph
+from lmview.arch import ArchSpec
 
 
 @dataclass

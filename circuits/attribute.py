@@ -31,12 +31,12 @@ from typing import Any, Callable
 
 import torch
 
-from bench.arch import ArchSpec
 from circuits.ablation import ablated_outputs
 from circuits.activations import PairBatch, run_capture
 from circuits.graph import Graph
 from circuits.metrics import Metric, prepared_metric
 from circuits.ungroup import kv_layout
+from lmview.arch import ArchSpec
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact")
 DEFAULT_IG_STEPS = 5

@@ -15,13 +15,13 @@ from typing import Any, Callable
 
 import torch
 
-from bench.arch import ArchSpec
 from circuits.ablation import ablated_outputs
 from circuits.activations import PairBatch, SenderCapture, embed_hooks
-from circuits.graph import Graph
 from circuits.curve import normalized_faithfulness
+from circuits.graph import Graph
 from circuits.metrics import Metric, prepared_metric
 from circuits.ungroup import kv_layout
+from lmview.arch import ArchSpec
 
 
 class EdgePatcher(SenderCapture):

@@ -13,12 +13,12 @@ from typing import Any, Iterable
 
 import torch
 
-from bench.arch import ArchSpec
 from circuits.ablation import ablated_outputs
 from circuits.activations import PairBatch
 from circuits.evaluate import patched_logits
 from circuits.graph import Graph
 from circuits.metrics import Metric, prepared_metric
+from lmview.arch import ArchSpec
 
 
 def _only(graph: Graph, sender: int, receiver: int | None = None) -> torch.Tensor:

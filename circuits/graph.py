@@ -154,7 +154,7 @@ class Graph:
         """The graph of a Hugging Face config (no weights needed)."""
         from types import SimpleNamespace
 
-        from bench.arch import arch_of
+        from lmview.arch import arch_of
 
         return cls.of(arch_of(SimpleNamespace(config=config)), kind)
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.tokens import target_ids
+from lmview.tokens import target_ids
 
 
 @dataclass

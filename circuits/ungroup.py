@@ -19,8 +19,8 @@ import torch
 
 from circuits.graph import Graph
 
-if TYPE_CHECKING:  # the architecture description lives in bench/arch.py
-    from bench.arch import ArchSpec
+if TYPE_CHECKING:  # the architecture description lives in lmview/arch.py
+    from lmview.arch import ArchSpec
 
 
 def _attention(arch: ArchSpec, model: torch.nn.Module, layer: int) -> Any:

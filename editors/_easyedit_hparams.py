@@ -12,7 +12,7 @@ dataclass from ours (what the `easyedit:*` reference editors hand to EasyEdit). 
   refine (KN).
 - `mom2_adjustment`: kept. EasyEdit's gpt2-xl ROME file has shipped it as false at times, while the ROME
   paper (and our default) uses the covariance; a false value is kept and logged as a warning.
-- `mom2_dataset`: the name is kept; our "wikipedia" is the offline corpus of bench/corpus.py, not the
+- `mom2_dataset`: the name is kept; our "wikipedia" is the offline corpus of lmview/corpus.py, not the
   Hugging Face `wikipedia` 20200501.en dump EasyEdit downloads.
 - Module templates (`rewrite_module_tmp`, `layer_module_tmp`, `mlp_module_tmp`, `attn_module_tmp`,
   `ln_f_module`, `lm_head_module`): the native editors always edit the MLP output projection, so
@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from editors.base import EditorError
+from editors.errors import EditorError
 
 log = logging.getLogger("bench")
 

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.tokens import TargetBatch, build_batch, prompt_ids
 from editors.base import EditorError
 from editors.keystats import DEFAULT_SAMPLE_SEED, draw_sample, second_moments
+from lmview.tokens import TargetBatch, build_batch, prompt_ids
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 log = logging.getLogger("bench")
 

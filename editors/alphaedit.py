@@ -29,8 +29,8 @@ from editors.base import EditOutcome, EditorError, register
 from editors.memit import Memit
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 
 def nullspace_projector(c: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -16,16 +16,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
+from editors.errors import EditorError
+
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 HPARAMS_FOLDERS = {"ft": "ft-l"}  # `easyedit:ft` (EasyEdit's FT, prompt_last objective) reads FT-L's files
-
-
-class EditorError(ValueError):
-    pass
 
 
 @dataclass

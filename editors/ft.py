@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from bench.arch import parameter
-from bench.tokens import TargetBatch, build_batch
 from editors.base import EditOutcome, Editor, EditorError, register
+from lmview.arch import parameter
+from lmview.tokens import TargetBatch, build_batch
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 EARLY_STOP_LOSS = 1e-2  # hard-coded in both ROME's and EasyEdit's ft_main.py
 

@@ -34,7 +34,7 @@ from editors.base import EditorError, register
 from editors.ft import FineTuneBase, target_nll
 
 if TYPE_CHECKING:
-    from bench.models import ModelBundle
+    from lmview.models import ModelBundle
 
 
 @register("ft-m")

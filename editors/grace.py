@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.tokens import TargetBatch, build_batch
 from editors.base import EditOutcome, Editor, EditorError, register
 from editors.ft import target_nll
+from lmview.tokens import TargetBatch, build_batch
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 CONFLICT_MARGIN = 1e-5  # the nearest radius ends this far inside δ/2 after a conflict split
 

@@ -36,12 +36,12 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from bench.tokens import prompt_ids, target_ids
 from editors.base import EditOutcome, Editor, EditorError, register
+from lmview.tokens import prompt_ids, target_ids
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 GENERATED_TOKENS = 20  # the tokens bench/metrics.py decodes after a prompt (GENERATION_MAX_NEW_TOKENS)
 RETRIEVALS = ("tfidf",)

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.cache import cache_dir, discard_entry, entry_problem, publish, sha256_text, staging_path, write_record
-from bench.corpus import DEFAULT_CORPUS, load_corpus
-from bench.tokens import prompt_ids
+from lmview.cache import cache_dir, discard_entry, entry_problem, publish, sha256_text, staging_path, write_record
+from lmview.corpus import DEFAULT_CORPUS, load_corpus
+from lmview.io import safe_filename
+from lmview.tokens import prompt_ids
 
 if TYPE_CHECKING:
-    from bench.models import ModelBundle
+    from lmview.models import ModelBundle
 
 log = logging.getLogger("bench")
 
@@ -149,7 +150,7 @@ def _load_verified(path: Path, key: str, bundle: ModelBundle) -> torch.Tensor | 
 def _cache_path(bundle: ModelBundle, layer: int, sample: dict[str, Any], max_len: int) -> Path:
     """Keyed by the model, the layer, max_len and the sample (corpus identity, seed and the texts' hash)."""
     key = _cache_key(bundle, layer, sample, max_len)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in bundle.name.split("/")[-1])
+    safe = safe_filename(bundle.name.split("/")[-1])
     n = sample["n_requested"]
     return cache_dir() / "stats" / safe / f"mom2-L{layer}-n{n}-len{max_len}-s{sample['seed']}-{sha256_text(key)[:16]}.pt"
 

@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from bench.tokens import prompt_ids, target_ids
 from editors.base import EditOutcome, Editor, EditorError, register
 from editors.grace import original_module
+from lmview.tokens import prompt_ids, target_ids
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 
 ERASE_TOKENS = ("target_true", "prediction")

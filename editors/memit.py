@@ -42,8 +42,8 @@ from editors._locate import (
 from editors.base import EditOutcome, Editor, register
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 MEMIT_LENGTH_PARAMS = [[10, 5]]
 

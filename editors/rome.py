@@ -48,8 +48,8 @@ from editors.base import EditOutcome, Editor, EditorError, register
 from editors.keystats import second_moment
 
 if TYPE_CHECKING:
-    from bench.data import EditCase
-    from bench.models import ModelBundle
+    from lmview.case import EditCase
+    from lmview.models import ModelBundle
 
 
 @dataclass

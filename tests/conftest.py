@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.models import load_model
+from lmview.models import load_model
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

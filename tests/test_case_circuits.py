@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from bench.corrupt import CorruptionPool, corrupted_prompt, prompt_pairs, prompt_sets
-from bench.data import EditCase
 from bench.run import CaseCircuits, RunConfig, circuit_fields, run_case
 from circuits.circuit import Circuit, circuit_nodes, mlp_rank_and_share, node_attribution
 from circuits.curve import reported_faithfulness
 from circuits.graph import Graph
 from editors.base import get_editor, load_hparams
+from lmview.case import EditCase
 
 
 def circuit_of(edges: dict[str, float], nodes: list[str] | None = None, metrics=None) -> Circuit:

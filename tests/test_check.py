@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.arch import parameter
 from bench.check import (DEFAULT_BASELINE, DEFAULT_SUITE, Suite, build_baseline, load_suite, metric_failures,
                          tolerance, write_slice)
 from bench.cli import main
 from editors import base
 from editors.ft import FineTuneL
+from lmview.arch import parameter
 
 TINY_SUITE = """\
 model: tiny-gpt2

@@ -14,8 +14,8 @@ import torch
 from scipy.stats import spearmanr
 from transformers import GPT2Config, LlamaConfig
 
-from bench.arch import parameter
 from circuits.activations import PairBatch, answer_logprob
+from lmview.arch import parameter
 import circuits.attribute as attribute_module
 from circuits.attribute import attribute, eap_ig_scores, eap_scores, node_scores, norm_parameters, norm_vjp
 from circuits.circuit import Circuit, discover

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.data import (
-    DATASETS,
-    facts_split_of,
-    DatasetError,
-    EditCase,
-    LoadedDataset,
-    load_builtin,
-    load_counterfact,
-    load_dataset,
-    validate_case,
-)
+from bench.data import DATASETS, facts_split_of, LoadedDataset, load_builtin, load_counterfact, load_dataset
+from lmview.case import DatasetError, EditCase, validate_case
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FACTS = REPO_ROOT / "datasets" / "facts.json"

@@ -13,18 +13,9 @@ from pathlib import Path
 import pytest
 
 import bench.data as data
-from bench.data import (
-    DatasetError,
-    EditCase,
-    dataset_descriptions,
-    detect_layout,
-    load_builtin,
-    load_dataset,
-    load_knowedit,
-    load_mquake,
-    load_zsre,
-    validate_case,
-)
+from bench.data import (dataset_descriptions, detect_layout, load_builtin, load_dataset, load_knowedit, load_mquake,
+                        load_zsre)
+from lmview.case import DatasetError, EditCase, validate_case
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 ZSRE_SAMPLE = SHARED / "zsre" / "zsre_mend_train-1k.json"

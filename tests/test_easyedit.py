@@ -19,13 +19,13 @@ import pytest
 import torch
 import yaml
 
-from bench.data import EditCase
-from bench.models import ModelBundle, load_model
-from bench.tokens import prompt_ids, target_ids
 from editors import base
 from editors import easyedit as ee
 from editors._easyedit_hparams import from_easyedit, to_easyedit
 from editors.base import EditorError, get_editor, load_hparams
+from lmview.case import EditCase
+from lmview.models import ModelBundle, load_model
+from lmview.tokens import prompt_ids, target_ids
 
 from conftest import write_pseudo_corpus
 

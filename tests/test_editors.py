@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.corpus import CorpusError, load_corpus
-from bench.data import EditCase
-from bench.models import ModelBundle, load_model
-from bench.tokens import build_batch, prompt_ids, target_logprobs
 from editors import keystats
 from editors.base import get_editor, load_hparams
 from editors.rome import subject_last_index
+from lmview.case import EditCase
+from lmview.corpus import CorpusError, load_corpus
+from lmview.models import ModelBundle, load_model
+from lmview.tokens import build_batch, prompt_ids, target_logprobs
 
 from conftest import write_pseudo_corpus
 

@@ -9,15 +9,16 @@ import pytest
 import scipy.linalg
 import torch
 
-from bench.data import EditCase
-from bench.models import ModelBundle, load_model
-from bench.run import backup, restore
+from bench.run import restore
 from editors import keystats
-from bench.tokens import target_ids
 from editors._locate import (ShiftedForward, context_prefixes, keys_and_residual, optimise_shift, subject_rows,
                               weight_decay_term)
-from editors.emmet import emmet_update
 from editors.base import EditorError, get_editor, load_hparams
+from editors.emmet import emmet_update
+from lmview.arch import backup
+from lmview.case import EditCase
+from lmview.models import ModelBundle, load_model
+from lmview.tokens import target_ids
 
 from conftest import write_pseudo_corpus
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.data import EditCase
-from bench.models import ModelBundle, load_model
 from bench.run import RunConfig, all_finite, run_case
 from bench.scoring import case_target_nll, counterfact_scores
-from bench.tokens import build_batch, next_token_logprobs, prompt_ids, target_ids
 from editors.base import get_editor, load_hparams
 from editors.ft import target_nll
 from editors.grace import Codebook
 from editors.kn import coarse_neurons, integrated_gradients, refine
+from lmview.case import EditCase
+from lmview.models import ModelBundle, load_model
+from lmview.tokens import build_batch, next_token_logprobs, prompt_ids, target_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
-from bench.arch import parameter
-from bench.data import EditCase
-from bench.models import load_model
-from bench.tokens import build_batch, prompt_ids, target_ids
 from editors.base import HPARAMS_DIR, EditorError, get_editor, load_hparams
 from editors.ft import prompt_last_nll
+from lmview.arch import parameter
+from lmview.case import EditCase
+from lmview.models import load_model
+from lmview.tokens import build_batch, prompt_ids, target_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 

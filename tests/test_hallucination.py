@@ -10,7 +10,7 @@ import torch
 
 from bench.hallucination import WrongFact, component_names, where_lost, wrong_vs_right_dla
 from bench.heads import centred_unembedding, frozen_final_norm
-from bench.tokens import prompt_ids, target_ids
+from lmview.tokens import prompt_ids, target_ids
 from tests.test_heads import write_relation
 
 
@@ -29,7 +29,7 @@ def test_where_lost_by_hand():
 @torch.no_grad()
 def test_heads_mlps_and_embedding_sum_to_the_logit_difference(one_thread):
     """Llama has no biases: logit(wrong) − logit(right) = the embedding's + every head's + every MLP's DLA."""
-    from bench.models import load_model
+    from lmview.models import load_model
 
     bundle = load_model("tiny-llama", "cpu")
     tok = bundle.tokenizer

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.heads import HeadRules, classify, fact_heads, read_heads
-from bench.tokens import prompt_ids, target_ids
 from bench.tracing import subject_token_range
+from lmview.tokens import prompt_ids, target_ids
 
 PROMPT, SUBJECT, ANSWER = "The official language of France is", "France", "French"
 
@@ -20,7 +20,7 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
 
 @torch.no_grad()
 def test_llama_head_dla_matches_a_manual_value_pattern_unembed_computation(one_thread):
-    from bench.models import load_model
+    from lmview.models import load_model
 
     bundle = load_model("tiny-llama", "cpu")  # a fresh copy: HF's eager attention is read before any bridge
     model, tok, arch = bundle.model, bundle.tokenizer, bundle.arch

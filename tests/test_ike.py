@@ -8,14 +8,15 @@ from collections import Counter
 import pytest
 
 from bench.corrupt import circuit_batch
-from bench.data import EditCase, load_dataset
+from bench.data import load_dataset
 from bench.metrics import GENERATION_MAX_NEW_TOKENS
-from bench.models import load_model
 from bench.run import RunConfig, run_case
 from bench.scoring import case_target_nll, counterfact_scores
-from bench.tokens import prompt_ids, target_ids
 from editors.base import EditorError, get_editor, load_hparams
 from editors.ike import GENERATED_TOKENS, Pool, pool_demonstrations, query_text, words
+from lmview.case import EditCase
+from lmview.models import load_model
+from lmview.tokens import prompt_ids, target_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from bench.incontext import context_attention, head_index, incontext_summary
-from bench.tokens import prompt_ids
+from lmview.tokens import prompt_ids
 from tests.test_heads import write_relation
 
 
 @torch.no_grad()
 def test_context_attention_is_the_eager_attention_mass_before_the_query(one_thread):
-    from bench.models import load_model
+    from lmview.models import load_model
 
     bundle = load_model("tiny-llama", "cpu")
     tok = bundle.tokenizer

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.lens import case_lens, first_layer_in_top, lens_summary
-from bench.tokens import prompt_ids, target_ids
 from bench.tracing import subject_token_range
+from lmview.tokens import prompt_ids, target_ids
 
 PROMPT, SUBJECT, TRUE, NEW = "The capital of France is", "France", "Paris", "Rome"
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import bench.metrics as metrics
-from bench.data import EditCase
 from bench.metrics import (
     contains_target,
     easyedit_scores,
@@ -24,6 +23,7 @@ from bench.metrics import (
     tfidf_cosine,
     token_accuracy,
 )
+from lmview.case import EditCase
 
 CASE = EditCase(
     case_id="c1", relation="r", subject="France", prompt="The capital of {} is",

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 import bench.run
-from bench.cache import cache_dir
 from bench.cli import main
-from bench.data import EditCase, load_dataset
+from bench.data import load_dataset
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.results import RunWriter
-from bench.run import RunConfig, backup, restore, run_batch, run_case, run_sequential
+from bench.run import RunConfig, restore, run_batch, run_case, run_sequential
 from bench.scoring import case_target_nll, counterfact_scores
 from editors.base import EditOutcome, Editor, get_editor, load_hparams, register
+from lmview.arch import backup
+from lmview.cache import cache_dir
+from lmview.case import EditCase
 
 TEXTS = ("The river flows north through the valley and reaches the sea after three hundred kilometres.",
          "A short one.",
@@ -359,8 +361,8 @@ def test_heldout_texts_come_from_the_end(monkeypatch):
 def test_heldout_texts_disjoint_from_key_statistics_texts():
     if not (cache_dir() / "corpora" / "wiki-offline" / "summaries_en-us.json").exists():
         pytest.skip("the offline Wikipedia corpus is not in the cache (fetched on first use by a run)")
-    from bench.corpus import load_corpus
     from editors.keystats import draw_sample
+    from lmview.corpus import load_corpus
 
     held_out = heldout_texts(32)
     everything = draw_sample("wikipedia", 100000).texts  # the largest sample: all sampleable texts

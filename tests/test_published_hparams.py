@@ -21,7 +21,7 @@ MARKER = ": published."  # in the first line of a YAML that claims the published
 
 # Reference keys with no hyperparameter here, and why. Every other reference key must appear under its own name.
 NOT_HYPERPARAMETERS = {
-    "rewrite_module_tmp": "module path: the architecture adapter (bench/models.py) finds the MLP output projection",
+    "rewrite_module_tmp": "module path: the architecture adapter (lmview/models.py) finds the MLP output projection",
     "layer_module_tmp": "module path: the architecture adapter finds the blocks",
     "mlp_module_tmp": "module path: the architecture adapter finds the MLP",
     "attn_module_tmp": "module path: unused by these editors",

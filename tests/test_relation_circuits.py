@@ -13,12 +13,12 @@ import torch
 
 from bench.cli import main
 from bench.lre import load_relation
+from bench.relation_circuits import (Fact, build_relation_circuit, pair_rows, prepare_split, relation_facts,
+                                     split_by_subject)
 from circuits.circuit import Circuit
 from circuits.curve import EDGE_PERCENTAGES, curve_areas, edges_at, faithfulness_curve, normalized_faithfulness
 from circuits.draw import diff_edges, draw_circuit, draw_diff, split_edge
 from circuits.layers import collect, lens_inputs, logit_lens, token_roles
-from bench.relation_circuits import (Fact, build_relation_circuit, pair_rows, prepare_split, relation_facts,
-                                     split_by_subject)
 from circuits.relation import ScoringSet, batches, graph_of, hits, random_edges
 from conftest import SHARED_DATA
 
@@ -143,7 +143,7 @@ def test_token_roles_mark_subject_and_relation(tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_relation_result(tmp_path_factory):
-    from bench.models import load_model
+    from lmview.models import load_model
 
     bundle = load_model("tiny-gpt2", "cpu")
     relation = load_relation(str(write_relation(tmp_path_factory.mktemp("rel"))))
@@ -296,10 +296,10 @@ def test_relation_source_mapping(tmp_path):
 
 def test_run_case_reports_relation_circuit_change(tiny_model, tmp_path):
     """A no-op edit: the rediscovered relation circuit equals the pre-edit one and Hit@10 does not move."""
-    from bench.data import EditCase
-    from bench.run import RunConfig, run_case
     from bench.relation_circuits import relation_circuits_for
+    from bench.run import RunConfig, run_case
     from editors.base import EditOutcome, Editor
+    from lmview.case import EditCase
 
     class NoOpEditor(Editor):
         def parameters_to_touch(self, cases):

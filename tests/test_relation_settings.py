@@ -12,10 +12,10 @@ import torch
 
 from bench.cli import main
 from bench.lre import load_relation
-from circuits.activations import run_capture
-from circuits.evaluate import patched_logits
 from bench.relation_circuits import (Fact, RelationSplit, build_relation_circuit, demonstrations, kc_order, make_fact,
                                      pair_rows, query_start, relation_facts, relation_setting, split_by_subject)
+from circuits.activations import run_capture
+from circuits.evaluate import patched_logits
 from circuits.relation import KC_SETTING, CircuitSetting, ScoringSet, batches, graph_of
 
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Italy", "Rome"),

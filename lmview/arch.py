@@ -98,6 +98,11 @@ def parameter(model: nn.Module, name: str) -> torch.Tensor:
     return obj
 
 
+def backup(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Detached copies of the named parameters, to restore bitwise after an edit."""
+    return {name: parameter(model, name).detach().clone() for name in names}
+
+
 def arch_of(model: nn.Module) -> ArchSpec:
     """Reads the ArchSpec from a Hugging Face causal LM's config."""
     cfg = model.config
