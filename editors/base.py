@@ -86,7 +86,7 @@ def register(name: str):
 def _discover() -> None:
     package = importlib.import_module("editors")
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in ("base",) and not info.name.startswith("_"):
+        if info.name not in ("base", "errors") and not info.name.startswith("_"):
             importlib.import_module(f"editors.{info.name}")
 
 
