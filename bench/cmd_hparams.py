@@ -1,9 +1,9 @@
 """`python -m bench hparams EDITOR --model M`: the hyperparameters a run would use, where each comes from, and
 how they differ from the editor's published configuration.
 
-Sources: the YAML file `bench run` would read (or `--hparams FILE`), else the editor's declared default
-(`Editor.DEFAULTS`). Published configurations are the files below, each a transcription of a reference
-repository's file (their tests compare them key by key).
+Sources: the YAML file `bench run` would read (or `--hparams FILE`), else the default in the editor's
+hyperparameter dataclass (`Editor.HPARAMS`, editors/settings.py). Published configurations are the files
+below, each a transcription of a reference repository's file (their tests compare them key by key).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from lmview.models import DEFAULT_MODEL
-from lmview.paths import REPO_ROOT
 
 NAME = "hparams"
 HELP = "print an editor's resolved hyperparameters, their sources, and the differences from its published file"
@@ -77,33 +76,27 @@ def differences(ours: dict[str, Any], published: dict[str, Any]) -> list[tuple[s
 
 
 def resolve(editor: str, model: str, override: str | None) -> dict[str, Any]:
-    from editors.base import get_editor, load_hparams
+    from editors.base import get_editor, load_hparams, shown_path
 
     cls = get_editor(editor)
     family, n_layers = model_family(model)
-    values, path = load_hparams(editor, model, family, override)
+    values, path = load_hparams(editor, model, family, override, n_layers)
     path = shown_path(path)
-    rows = [{"key": k, "value": v, "source": path} for k, v in values.items()]
-    rows += [{"key": k, "value": v, "source": f"default ({cls.__module__})"}
-             for k, v in cls.DEFAULTS.items() if k not in values]
-    unread = sorted(k for k in values if cls.DEFAULTS and k not in cls.DEFAULTS and k != "easyedit")
+    schema = cls.HPARAMS
+    rows = [{"key": d["key"], "value": values.get(d["key"], d["default"]), "unit": d["unit"],
+             "source": path if d["key"] in values else f"default ({schema.__module__})"}
+            for d in schema.described() if d["key"] in values or d["key"] != "easyedit"]
     out: dict[str, Any] = {"editor": editor, "model": model, "family": family, "n_layers": n_layers,
-                           "file": path, "hparams": rows, "not_read_by_editor": unread,
-                           "defaults_declared": bool(cls.DEFAULTS)}
+                           "file": path, "hparams": rows}
     reference = published_file(editor)
     if reference is not None and reference[0].is_file():
         published = yaml.safe_load(reference[0].read_text()) or {}
-        resolved = {**cls.DEFAULTS, **values}
+        defaults = {d["key"]: d["default"] for d in schema.described()}
         out["published"] = {"file": shown_path(reference[0]), "reference": reference[1],
                             "differences": [{"key": k, "ours": a, "published": b}
-                                            for k, a, b in differences(resolved, {**cls.DEFAULTS, **published})]}
+                                            for k, a, b in differences({**defaults, **values},
+                                                                       {**defaults, **published})]}
     return out
-
-
-def shown_path(path: str | Path) -> str:
-    """A path relative to the repository when it lies inside it."""
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
 
 
 def _show(value: Any) -> str:
@@ -118,11 +111,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{report['editor']} on {report['model']} ({report['family']}, {report['n_layers']} layers): {report['file']}")
     width = max(len(r["key"]) for r in report["hparams"]) if report["hparams"] else 4
     for row in report["hparams"]:
-        print(f"  {row['key']:{width}s}  {_show(row['value']):24s}  {row['source']}")
-    if not report["defaults_declared"]:
-        print("  (this editor declares no defaults: keys missing from the file use values in its code)")
-    if report["not_read_by_editor"]:
-        print(f"  not read by the editor: {', '.join(report['not_read_by_editor'])}")
+        unit = f" ({row['unit']})" if row["unit"] else ""
+        print(f"  {row['key']:{width}s}  {_show(row['value']):24s}  {row['source']}{unit}")
     published = report.get("published")
     if published is None:
         print("published configuration: none on record for this editor")

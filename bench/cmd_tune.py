@@ -190,10 +190,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.cmd_hparams import shown_path
     from bench.data import load_dataset
     from bench.run import held_out_perplexity, heldout_for_ppl, select_cases
-    from editors.base import HPARAMS_DIR, HPARAMS_FOLDERS, get_editor, load_hparams
+    from editors.base import HPARAMS_DIR, HPARAMS_FOLDERS, get_editor, load_hparams, shown_path
     from lmview.models import load_model
 
     _check(args)

@@ -20,7 +20,6 @@ import torch
 from bench.results import code_sha256, drop_torn_tail, read_case_lines, run_lock
 
 if TYPE_CHECKING:
-    from bench.run import RunConfig
     from editors.base import Editor
     from lmview.case import EditCase
 

@@ -681,7 +681,7 @@ def prepare(cfg: RunConfig, stored: dict[str, Any] | None = None) -> PreparedRun
     data = load_dataset(cfg.dataset, seed=cfg.seed)
     log.info("loading: model %s on %s", cfg.model, cfg.device)
     bundle = load_model(cfg.model, cfg.device, cfg.dtype)
-    hparams, hparams_path = load_hparams(cfg.editor, cfg.model, bundle.arch.family, cfg.hparams)
+    hparams, hparams_path = load_hparams(cfg.editor, cfg.model, bundle.arch.family, cfg.hparams, bundle.arch.n_layers)
     editor = editor_cls(bundle, hparams)
     reject_overlong(bundle, data)
     editor.observe_dataset(list(data.cases))

@@ -34,6 +34,7 @@ import torch
 
 from editors.base import EditorError
 from editors.keystats import DEFAULT_SAMPLE_SEED, draw_sample, second_moments
+from editors.settings import Hparams, setting
 from lmview.tokens import TargetBatch, build_batch, prompt_ids
 
 if TYPE_CHECKING:
@@ -51,6 +52,29 @@ KEY_BATCH_ROWS = 64
 EARLY_STOP_LOSS = 5e-2  # rome compute_v.py, memit compute_z.py: `if loss < 5e-2: break`
 
 _PREFIX_CACHE: dict[tuple[int, str, str], list[str]] = {}
+
+
+@dataclass(frozen=True)
+class LocateHparams(Hparams):
+    """What ROME, r-ROME, MEMIT, EMMET and AlphaEdit share: the edited layers, δ's optimisation and C."""
+
+    layers: list[int] = setting([], layer=True, doc="the layers whose MLP output projection is rewritten")
+    fact_token: str = setting("subject_last", choices=("subject_last",), doc="δ's position: the subject's last token")
+    v_num_grad_steps: int = setting(20, minimum=1, unit="forward passes", doc="δ's optimisation; the last: no step")
+    v_lr: float = setting(0.5, minimum=0.0, unit="Adam learning rate")
+    v_loss_layer: int = setting(-1, minimum=-1, layer=True, doc="the layer whose logits the loss reads; -1: the last")
+    v_weight_decay: float = setting(0.5, minimum=0.0, doc="weight of ‖δ‖ / ‖v0‖² in the loss")
+    v_early_stop_loss: float = setting(EARLY_STOP_LOSS, unit="nats", doc="δ's optimisation stops below this loss")
+    clamp_norm_factor: float = setting(4.0, minimum=0.0, unit="× ‖v0‖", doc="the largest ‖δ‖")
+    kl_factor: float = setting(0.0625, minimum=0.0, doc="weight of the essence-prompt KL in the loss")
+    mom2_adjustment: bool = setting(True, doc="C = E[k kᵀ] over a corpus sample; false: C = I")
+    mom2_dataset: str = setting("wikipedia", doc="the corpus of C (lmview/corpus.py), or a JSON file of texts")
+    mom2_n_samples: int = setting(1000, minimum=1, unit="texts")
+    mom2_max_len: int = setting(128, minimum=1, unit="tokens per text")
+    mom2_dtype: str = setting("float32", doc="recorded for EasyEdit; C is accumulated in float64")
+    mom2_sample_seed: int = setting(DEFAULT_SAMPLE_SEED, doc="the seed of the corpus sample")
+    context_template_length_params: list[list[int]] = setting(
+        DEFAULT_LENGTH_PARAMS, minimum=0, doc="context prefixes sampled from the model: [[tokens, count], ...]")
 
 
 # --- text and token positions -------------------------------------------------------
@@ -256,19 +280,18 @@ def weight_decay_term(delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return delta.norm() / ref.pow(2).sum()
 
 
-def optimise_shift(fwd: ShiftedForward, hp: dict[str, Any], ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def optimise_shift(fwd: ShiftedForward, hp: LocateHparams, ref: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """δ for ROME's v* / MEMIT's z (module docstring); returns δ and device-scalar stats."""
     batch, n_rw = fwd.rows.batch, fwd.rows.n_rewrite
     orig_kl_lp = fwd.logits0[n_rw:, 0].log_softmax(-1)
     n_tok = batch.target_mask[:n_rw].sum(-1)
     lp_before = _row_target_logprobs(fwd.logits0, batch, n_rw).sum(-1)
     delta = torch.zeros_like(ref, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=float(hp.get("v_lr", 0.5)))
-    max_norm = float(hp.get("clamp_norm_factor", 4.0)) * ref.norm()
-    steps, threshold = int(hp.get("v_num_grad_steps", 20)), float(hp.get("v_early_stop_loss", EARLY_STOP_LOSS))
-    if steps < 1:
-        raise EditorError(f"v_num_grad_steps must be at least 1; got {steps}")
-    kl_factor, decay_factor = float(hp.get("kl_factor", 0.0625)), float(hp.get("v_weight_decay", 0.5))
+    opt = torch.optim.Adam([delta], lr=float(hp.v_lr))
+    max_norm = float(hp.clamp_norm_factor) * ref.norm()
+    steps, threshold = hp.v_num_grad_steps, float(hp.v_early_stop_loss)
+    kl_factor, decay_factor = float(hp.kl_factor), float(hp.v_weight_decay)
     for step in range(steps):
         logits = fwd.logits(delta)
         lp = _row_target_logprobs(logits, batch, n_rw).sum(-1)
@@ -354,37 +377,39 @@ def keys_and_residual(bundle: ModelBundle, cases: list[EditCase], prefixes: list
 
 # --- covariance access ------------------------------------------------------------------
 
-def key_sample_args(hp: dict[str, Any]) -> dict[str, Any]:
+def key_sample_args(hp: LocateHparams) -> dict[str, Any]:
     """The corpus sample the hyperparameters ask for: corpus, n_samples and seed (`mom2_sample_seed`)."""
-    return dict(corpus=str(hp.get("mom2_dataset", "wikipedia")), n_samples=int(hp.get("mom2_n_samples", 1000)),
-                seed=int(hp.get("mom2_sample_seed", DEFAULT_SAMPLE_SEED)))
+    return dict(corpus=hp.mom2_dataset, n_samples=hp.mom2_n_samples, seed=hp.mom2_sample_seed)
 
 
-def record_key_sample(hp: dict[str, Any]) -> None:
-    """Adds `key_statistics_sample` (corpus, seed, n, hash of the texts) to hp; the run manifest writes hp."""
-    if hp.get("mom2_adjustment", True):
-        hp["key_statistics_sample"] = dict(draw_sample(**key_sample_args(hp)).record)
+def record_key_sample(record: dict[str, Any], hp: LocateHparams) -> None:
+    """Adds `key_statistics_sample` (corpus, seed, n, hash of the texts) to the editor's hyperparameter
+    mapping, which the run manifest writes."""
+    if hp.mom2_adjustment:
+        record["key_statistics_sample"] = dict(draw_sample(**key_sample_args(hp)).record)
 
 
-def covariances(bundle: ModelBundle, layers: list[int], hp: dict[str, Any]) -> dict[int, torch.Tensor]:
+def covariances(bundle: ModelBundle, layers: list[int], hp: LocateHparams) -> dict[int, torch.Tensor]:
     """C = E[k kᵀ] (float64) for every layer, missing ones computed in one corpus pass;
     the identity when `mom2_adjustment` is false."""
-    if not hp.get("mom2_adjustment", True):
+    if not hp.mom2_adjustment:
         eye = torch.eye(bundle.arch.d_mlp, dtype=torch.float64, device=bundle.device)
         return {layer: eye for layer in layers}
-    stats = second_moments(bundle, list(layers), max_len=int(hp.get("mom2_max_len", 128)), **key_sample_args(hp))
+    stats = second_moments(bundle, list(layers), max_len=hp.mom2_max_len, **key_sample_args(hp))
     return {layer: c.double() for layer, c in stats.items()}
 
 
-def check_layers(name: str, bundle: ModelBundle, hp: dict[str, Any]) -> list[int]:
+def check_layers(name: str, bundle: ModelBundle, hp: LocateHparams) -> list[int]:
     """The `layers` hyperparameter, validated: distinct, increasing, inside the model."""
-    layers = [int(x) for x in hp.get("layers", [])]
+    layers = list(hp.layers)
     n = bundle.arch.n_layers
     if not layers or layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= n:
         raise EditorError(f"{name}: layers must be distinct increasing indices in [0, {n - 1}]; got {layers}")
-    if hp.get("fact_token", "subject_last") != "subject_last":
-        raise EditorError(f"{name}: only fact_token 'subject_last' is implemented")
-    loss_layer = int(hp.get("v_loss_layer", -1))
-    if loss_layer not in (-1, n - 1):
-        raise EditorError(f"{name}: v_loss_layer must be the last layer ({n - 1}) or -1")
+    check_loss_layer(name, bundle, hp)
     return layers
+
+
+def check_loss_layer(name: str, bundle: ModelBundle, hp: LocateHparams) -> None:
+    n = bundle.arch.n_layers
+    if hp.v_loss_layer not in (-1, n - 1):
+        raise EditorError(f"{name}: v_loss_layer must be the last layer ({n - 1}) or -1")

@@ -21,12 +21,14 @@ symmetric eigendecomposition (eigh) rather than an SVD of C (the same thing for 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from editors.base import EditOutcome, EditorError, register
-from editors.memit import Memit
+from editors.memit import Memit, MemitHparams
+from editors.settings import setting
 
 if TYPE_CHECKING:
     from lmview.case import EditCase
@@ -52,16 +54,24 @@ def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.T
     return torch.linalg.solve(p @ s + l2 * eye, p @ k @ r.T).T
 
 
+@dataclass(frozen=True)
+class AlphaEditHparams(MemitHparams):
+    editor = "alphaedit"
+    nullspace_threshold: float = setting(0.0, minimum=0.0, required=True,
+                                         doc="eigenvalues of C below this span the protected null space")
+    L2: float = setting(10.0, minimum=0.0, doc="the ridge term L2·I in the update's solve")
+
+
 @register("alphaedit")
 class AlphaEdit(Memit):
     """AlphaEdit (Fang et al. 2025): MEMIT's update projected on the null space of the corpus keys."""
 
     batched = True
+    HPARAMS = AlphaEditHparams
+    hp: AlphaEditHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        if "nullspace_threshold" not in hparams:
-            raise EditorError("alphaedit: hyperparameter 'nullspace_threshold' is required")
         self._projectors: dict[int, torch.Tensor] = {}
         self._previous: dict[int, torch.Tensor] = {}  # K_p K_pᵀ per layer, edits known to be in the model
         self._pending: tuple[list[torch.Tensor], dict[int, torch.Tensor]] | None = None  # (weights digest, K Kᵀ)
@@ -69,7 +79,7 @@ class AlphaEdit(Memit):
     def projector(self, layer: int) -> torch.Tensor:
         if layer not in self._projectors:
             self._projectors[layer] = nullspace_projector(self.covariances()[layer],
-                                                          float(self.hparams["nullspace_threshold"]))
+                                                          self.hp.nullspace_threshold)
         return self._projectors[layer]
 
     def nullspace_dims(self) -> dict[int, int]:
@@ -78,7 +88,7 @@ class AlphaEdit(Memit):
     def layer_update(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         d = self.bundle.arch.d_mlp
         previous = self._previous.get(layer, torch.zeros(d, d, dtype=torch.float64, device=keys.device))
-        return alphaedit_update(keys, resid, self.projector(layer), previous, float(self.hparams.get("L2", 10.0)))
+        return alphaedit_update(keys, resid, self.projector(layer), previous, self.hp.L2)
 
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         for layer in self.layers:  # a bad threshold fails before any optimisation or weight change

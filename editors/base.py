@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import yaml
 
 from editors.errors import EditorError
+from editors.settings import Hparams
+from lmview.paths import REPO_ROOT
 
 if TYPE_CHECKING:
     from lmview.case import EditCase
@@ -39,17 +41,15 @@ class Editor:
 
     name: ClassVar[str] = ""
     batched: ClassVar[bool] = False  # True: apply() takes a whole --batch-size batch in one update
-    # the hyperparameters the editor reads, with the value it uses when the file omits one (`bench hparams`);
-    # empty: not declared
-    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    HPARAMS: ClassVar[type[Hparams]] = Hparams  # the editor's hyperparameters: keys, types, defaults, units
+    hp: Hparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
+        """`hparams` as given (a file's mapping); it is checked into `self.hp`, and the run manifest records
+        the mapping itself, with anything the editor adds to it (the key-statistics sample)."""
         self.bundle = bundle
         self.hparams = hparams
-
-    def setting(self, key: str) -> Any:
-        """A hyperparameter: the file's value, else the declared default."""
-        return self.hparams.get(key, self.DEFAULTS[key])
+        self.hp = self.HPARAMS.from_mapping(hparams, n_layers=bundle.arch.n_layers)
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
         """Names (as in model.named_parameters) of every tensor `apply` may modify, for backup and restore."""
@@ -118,8 +118,10 @@ def hparams_candidates(editor: str, model_name: str, family: str) -> list[Path]:
     return [folder / f"{stem}.yaml", folder / f"{family}.yaml"]
 
 
-def load_hparams(editor: str, model_name: str, family: str, override: str | None = None) -> tuple[dict[str, Any], str]:
-    """Returns (hparams, the file they came from)."""
+def load_hparams(editor: str, model_name: str, family: str, override: str | None = None,
+                 n_layers: int | None = None) -> tuple[dict[str, Any], str]:
+    """Returns (hparams, the file they came from), checked against the editor's hyperparameter dataclass
+    (unknown keys, types, ranges; layers against `n_layers` when given)."""
     if override:
         path = Path(override)
         if not path.exists():
@@ -139,4 +141,11 @@ def load_hparams(editor: str, model_name: str, family: str, override: str | None
     if "alg_name" in data:  # an EasyEdit hyperparameter file
         from editors._easyedit_hparams import from_easyedit
         data = from_easyedit(data, editor, family, str(path))
+    get_editor(editor).HPARAMS.from_mapping(data, source=shown_path(path), n_layers=n_layers)
     return data, str(path)
+
+
+def shown_path(path: str | Path) -> str:
+    """A path relative to the repository when it lies inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)

@@ -52,6 +52,7 @@ import logging
 import re
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -61,7 +62,12 @@ import torch
 from editors import base
 from editors._easyedit_hparams import to_easyedit
 from editors.base import EditOutcome, Editor, EditorError, register
+from editors.ft import FineTuneLHparams
 from editors.keystats import second_moment
+from editors.kn import KnHparams
+from editors.memit import MemitHparams
+from editors.rome import RomeHparams
+from editors.settings import Hparams, setting
 
 if TYPE_CHECKING:
     from lmview.case import EditCase
@@ -197,6 +203,34 @@ def tuple_block_nethook(nethook: types.ModuleType, block_names: set[str]) -> typ
     return proxy
 
 
+@dataclass(frozen=True)
+class ReferenceHparams(Hparams):
+    """What every reference editor adds to its native method's keys."""
+
+    context_templates: str = setting("easyedit", choices=("easyedit", "native"),
+                                     doc="EasyEdit's context-template sampler, or our ROME's prefixes")
+
+
+@dataclass(frozen=True)
+class EasyEditRomeHparams(RomeHparams, ReferenceHparams):
+    editor = "easyedit:rome"
+
+
+@dataclass(frozen=True)
+class EasyEditMemitHparams(MemitHparams, ReferenceHparams):
+    editor = "easyedit:memit"
+
+
+@dataclass(frozen=True)
+class EasyEditFtHparams(FineTuneLHparams, ReferenceHparams):
+    editor = "easyedit:ft"
+
+
+@dataclass(frozen=True)
+class EasyEditKnHparams(KnHparams, ReferenceHparams):
+    editor = "easyedit:kn"
+
+
 class EasyEditEditor(Editor):
     """Common ground: hparams dataclass, covariance injection, quiet calls, restored grad flags."""
 
@@ -254,7 +288,7 @@ class EasyEditEditor(Editor):
 
     def context_prefixes(self, sample: Callable[[], list[str]]) -> list[str]:
         """Context templates ('... {}'): EasyEdit's sampler under a fixed seed, or our ROME's prefixes."""
-        if self.hparams.get("context_templates", "easyedit") == "native":
+        if self.hp.context_templates == "native":
             from editors._locate import context_prefixes
             params = self.hparams.get("context_template_length_params", self.native_length_params)
             return [p + "{}" for p in context_prefixes(self.bundle, params)]
@@ -304,6 +338,7 @@ class EasyEditEditor(Editor):
 class EasyEditRome(EasyEditEditor):
     """EasyEdit's ROME, one case after the other (its apply_rome_to_model takes one request)."""
 
+    HPARAMS = EasyEditRomeHparams
     method, alg_name = "rome", "ROME"
     hparams_class = ("models.rome.rome_hparams", "ROMEHyperParams")
 
@@ -338,6 +373,7 @@ class EasyEditRome(EasyEditEditor):
 class EasyEditMemit(EasyEditEditor):
     """EasyEdit's MEMIT, the whole batch in one update."""
 
+    HPARAMS = EasyEditMemitHparams
     method, alg_name = "memit", "MEMIT"
     batched = True
     native_length_params = [[10, 5]]
@@ -378,6 +414,7 @@ class EasyEditFt(EasyEditEditor):
     fine-tuned too (GPT-2), so it is backed up as well.
     """
 
+    HPARAMS = EasyEditFtHparams
     method, alg_name = "ft", "FT"
     batched = True
     hparams_class = ("models.ft.ft_hparams", "FTHyperParams")
@@ -400,6 +437,7 @@ class EasyEditFt(EasyEditEditor):
 class EasyEditKn(EasyEditEditor):
     """EasyEdit's Knowledge Neurons: attribution on the rewrite prompt, then the value-slot edit."""
 
+    HPARAMS = EasyEditKnHparams
     method, alg_name = "kn", "KN"
     hparams_class = ("models.kn.kn_hparams", "KNHyperParams")
     MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}

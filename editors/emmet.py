@@ -16,10 +16,13 @@ the number of layers left) are MEMIT's: see editors/memit.py, whose differences 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from editors.base import register
-from editors.memit import Memit
+from editors.memit import Memit, MemitHparams
+from editors.settings import setting
 
 
 def emmet_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weight: float,
@@ -34,13 +37,23 @@ def emmet_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weigh
     return r @ torch.linalg.solve(d, cinv_k.T)  # R D⁻¹ Kᵀ C'⁻¹
 
 
+@dataclass(frozen=True)
+class EmmetHparams(MemitHparams):
+    editor = "emmet"
+    mom2_update_weight: float = setting(1.0, minimum=0.0, doc="λ, the scale of C in C' = λC + μI")
+    update_norm_lambda: float = setting(0.0, minimum=0.0, doc="μ in C' = λC + μI")
+    emmet_lambda: float = setting(0.1, minimum=0.0, doc="ε added to D = KᵀC'⁻¹K for batches of more than one")
+
+
 @register("emmet")
 class Emmet(Memit):
     """EMMET (Gupta et al. 2024): batched ROME, the batch as equality constraints, over MEMIT's layers."""
 
     batched = True
+    HPARAMS = EmmetHparams
+    hp: EmmetHparams
 
     def layer_update(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        hp = self.hparams
-        return emmet_update(keys, resid, self.covariances()[layer], float(hp.get("mom2_update_weight", 1.0)),
-                            float(hp.get("update_norm_lambda", 0.0)), float(hp.get("emmet_lambda", 0.1)))
+        hp = self.hp
+        return emmet_update(keys, resid, self.covariances()[layer], hp.mom2_update_weight, hp.update_norm_lambda,
+                            hp.emmet_lambda)

@@ -23,11 +23,13 @@ The fine-tuning loop is shared with `ft-m` (editors/ft_m.py), which swaps in the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from editors.base import EditOutcome, Editor, EditorError, register
+from editors.settings import Hparams, setting
 from lmview.arch import parameter
 from lmview.tokens import TargetBatch, build_batch
 
@@ -72,12 +74,6 @@ def norm_radius(editor: str, value: Any) -> float | None:
     return float(value)
 
 
-def positive_int(editor: str, value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EditorError(f"{editor}: {key} must be an integer >= 1; got {value!r}")
-    return value
-
-
 Loss = Callable[[torch.nn.Module, TargetBatch], torch.Tensor]
 
 
@@ -114,27 +110,48 @@ def finetune(model: torch.nn.Module, weights: list[torch.Tensor], batches: list[
     return epoch_losses
 
 
+@dataclass(frozen=True)
+class FineTuneHparams(Hparams):
+    layers: list[int] = setting([], layer=True, doc="the layers whose MLP output projection is fine-tuned")
+    num_steps: int = setting(25, minimum=1, unit="epochs over the cases")
+    lr: float = setting(5e-4, minimum=0.0, unit="Adam learning rate")
+    weight_decay: float = setting(0.0, minimum=0.0, unit="Adam weight decay")
+    norm_constraint: float | bool | None = setting(False, doc="L∞ radius around the original weights; false: none")
+    batch_size: int = setting(128, minimum=1, unit="cases per optimiser step")
+    train_bias: bool = setting(True, doc="also fine-tune the projection's bias (GPT-2)")
+    early_stop_loss: float = setting(EARLY_STOP_LOSS, unit="nats", doc="stop once an epoch's mean loss is below")
+
+
+@dataclass(frozen=True)
+class FineTuneLHparams(FineTuneHparams):
+    editor = "ft-l"
+    objective_optimization: str = setting("prompt_last", doc="FT-L's loss: every target token at the last prompt token")
+    kl_factor: float = setting(0.0, doc="read by ROME's ft_main.py but never applied; must be 0")
+
+
+@dataclass(frozen=True)
+class FineTuneMHparams(FineTuneHparams):
+    editor = "ft-m"
+    batch_size: int = setting(1, minimum=1, unit="cases per optimiser step")
+    objective_optimization: str = setting("target_new", doc="FT-M's loss: teacher-forced target tokens")
+
+
 class FineTuneBase(Editor):
     """Shared by FT-L and FT-M: parameters, chunking, the loop and its statistics."""
 
     loss_fn: Callable[..., torch.Tensor]
-    DEFAULTS = {"layers": [], "num_steps": 25, "lr": 5e-4, "weight_decay": 0, "norm_constraint": False,
-                "batch_size": 128, "train_bias": True, "early_stop_loss": EARLY_STOP_LOSS}
+    hp: FineTuneHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        layers = self.setting("layers")
-        if not isinstance(layers, list) or not layers:
+        if not self.hp.layers:
             raise EditorError(f"{self.name}: hparams need a non-empty `layers` list")
-        n = bundle.arch.n_layers
-        self.layers = [int(layer) for layer in layers]
-        if any(not 0 <= layer < n for layer in self.layers):
-            raise EditorError(f"{self.name}: layers must lie in 0..{n - 1}; got {layers}")
-        self.radius = norm_radius(self.name, self.setting("norm_constraint"))
-        self.batch_size = positive_int(self.name, self.setting("batch_size"), "batch_size")
-        self.steps = positive_int(self.name, self.setting("num_steps"), "num_steps")
-        self.train_bias = bool(self.setting("train_bias"))
-        self.threshold = float(self.setting("early_stop_loss"))
+        self.layers = list(self.hp.layers)
+        self.radius = norm_radius(self.name, self.hp.norm_constraint)
+        self.batch_size = self.hp.batch_size
+        self.steps = self.hp.num_steps
+        self.train_bias = self.hp.train_bias
+        self.threshold = float(self.hp.early_stop_loss)
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
         return rewrite_parameter_names(self.bundle.arch.family, self.layers, self.train_bias)
@@ -148,7 +165,7 @@ class FineTuneBase(Editor):
                                bundle.device) for chunk in chunks]
         sizes = [len(chunk) for chunk in chunks]
         epochs = finetune(bundle.model, weights, batches, sizes, type(self).loss_fn, self.steps,
-                          float(self.setting("lr")), float(self.setting("weight_decay")), self.radius, self.threshold)
+                          float(self.hp.lr), float(self.hp.weight_decay), self.radius, self.threshold)
         with torch.no_grad():
             final = sum(float(type(self).loss_fn(bundle.model, b)) * n for b, n in zip(batches, sizes)) / len(cases)
             change = max(float((w - w0).abs().max()) for w, w0 in zip(weights, originals))
@@ -163,13 +180,14 @@ class FineTuneL(FineTuneBase):
 
     batched = True
     loss_fn = staticmethod(prompt_last_nll)
-    DEFAULTS = {**FineTuneBase.DEFAULTS, "objective_optimization": "prompt_last", "kl_factor": 0}
+    HPARAMS = FineTuneLHparams
+    hp: FineTuneLHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        objective = self.setting("objective_optimization")
+        objective = self.hp.objective_optimization
         if objective != "prompt_last":
             raise EditorError(f"ft-l: objective_optimization must be 'prompt_last' (FT-L); got {objective!r}; "
                               f"the teacher-forced objective is ft-m")
-        if float(self.setting("kl_factor") or 0) != 0:
+        if self.hp.kl_factor != 0:
             raise EditorError("ft-l: kl_factor must be 0 (ROME's ft_main.py reads but never applies it)")

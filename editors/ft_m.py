@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from editors.base import EditorError, register
-from editors.ft import FineTuneBase, target_nll
+from editors.ft import FineTuneBase, FineTuneMHparams, target_nll
 
 if TYPE_CHECKING:
     from lmview.models import ModelBundle
@@ -42,10 +42,11 @@ class FineTuneM(FineTuneBase):
     """FT-M (EasyEdit): fine-tune one MLP output projection, loss on the target tokens only."""
 
     loss_fn = staticmethod(target_nll)
-    DEFAULTS = {**FineTuneBase.DEFAULTS, "batch_size": 1, "objective_optimization": "target_new"}
+    HPARAMS = FineTuneMHparams
+    hp: FineTuneMHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        objective = self.setting("objective_optimization")
+        objective = self.hp.objective_optimization
         if objective != "target_new":
             raise EditorError(f"ft-m: objective_optimization must be 'target_new' (FT-M); got {objective!r}")

@@ -39,6 +39,7 @@ import torch
 
 from editors.base import EditOutcome, Editor, EditorError, register
 from editors.ft import target_nll
+from editors.settings import Hparams, setting
 from lmview.tokens import TargetBatch, build_batch
 
 if TYPE_CHECKING:
@@ -102,25 +103,34 @@ def original_module(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "_original_component", module)
 
 
+@dataclass(frozen=True)
+class GraceHparams(Hparams):
+    editor = "grace"
+    layers: list[int] = setting([], layer=True, doc="the one layer whose MLP output the codebook adapts")
+    replacement: str = setting("replace_last", choices=("replace_last",), doc="which positions a hit replaces")
+    val_init: str = setting("warm", choices=("warm", "cold"), doc="a new value starts as the layer's output, or random")
+    eps: float = setting(1.0, minimum=0.0, unit="key-space distance", doc="a new entry's deferral radius (> 0)")
+    eps_expand: str = setting("coverage", choices=("coverage",), doc="how radii grow on a same-label hit")
+    edit_lr: float = setting(1.0, minimum=0.0, unit="Adam learning rate", doc="for a new value")
+    n_iter: int = setting(50, minimum=1, unit="Adam steps", doc="per new value")
+    early_stop_nll: float = setting(1e-2, unit="nats", doc="a value's training stops below this NLL")
+    seed: int = setting(0, doc="seeds a cold value")
+
+
 @register("grace")
 class Grace(Editor):
     """GRACE (Hartvigsen et al. 2023): key-value codebook with deferral radii at one MLP; no weight change."""
 
-    DEFAULTS = {"layers": [], "replacement": "replace_last", "val_init": "warm", "eps": 1.0, "edit_lr": 1.0,
-                "n_iter": 50, "early_stop_nll": 1e-2, "seed": 0}
+    HPARAMS = GraceHparams
+    hp: GraceHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        layers = self.setting("layers")
-        if len(layers) != 1:
-            raise EditorError(f"grace adapts exactly one layer; got layers={layers}")
-        if self.setting("replacement") != "replace_last":
-            raise EditorError("grace: only replacement 'replace_last' is implemented")
-        if self.setting("val_init") not in ("warm", "cold"):
-            raise EditorError("grace: val_init must be 'warm' or 'cold'")
-        if float(self.setting("eps")) <= 0:
+        if len(self.hp.layers) != 1:
+            raise EditorError(f"grace adapts exactly one layer; got layers={self.hp.layers}")
+        if self.hp.eps <= 0:
             raise EditorError("grace: eps must be positive")
-        self.layer = int(layers[0])
+        self.layer = self.hp.layers[0]
         self.codebook: Codebook | None = None
         self._handle: Any = None
         self._forced: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, positions, value
@@ -179,10 +189,9 @@ class Grace(Editor):
         return seen["in"][0, pos].float().clone(), seen["out"][0, pos].float().clone()
 
     def _train_value(self, batch: TargetBatch, init: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        hp = self.hparams
         value = init.clone().requires_grad_(True)
-        opt = torch.optim.Adam([value], lr=float(self.setting("edit_lr")))
-        steps, threshold = int(self.setting("n_iter")), float(self.setting("early_stop_nll"))
+        opt = torch.optim.Adam([value], lr=float(self.hp.edit_lr))
+        steps, threshold = self.hp.n_iter, float(self.hp.early_stop_nll)
         rows = torch.zeros(1, dtype=torch.long, device=self.bundle.device)
         self._forced = (rows, batch.last_prompt_pos[:1], value)
         try:
@@ -202,14 +211,14 @@ class Grace(Editor):
     def edit_one(self, case: EditCase) -> dict[str, float]:
         batch = build_batch(self.bundle.tokenizer, [case.rewrite_prompt], [case.target_new], self.bundle.device)
         key, original_out = self._key_and_output(batch)
-        if self.setting("val_init") == "warm":
+        if self.hp.val_init == "warm":
             init = original_out
         else:
-            generator = torch.Generator(device="cpu").manual_seed(int(self.setting("seed")))
+            generator = torch.Generator(device="cpu").manual_seed(self.hp.seed)
             init = torch.rand(original_out.shape, generator=generator).to(original_out.device)
         value, stats = self._train_value(batch, init)
         assert self.codebook is not None
-        action = self.codebook.insert(key, value, case.target_new, float(self.setting("eps")))
+        action = self.codebook.insert(key, value, case.target_new, float(self.hp.eps))
         stats.update({"key_norm": float(key.norm()), "value_shift": float((value - original_out).norm()),
                       "added": float(action == "added"), "expanded": float(action == "expanded"),
                       "split": float(action == "split")})

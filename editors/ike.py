@@ -36,7 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from editors.base import EditOutcome, Editor, EditorError, register
+from editors.base import EditOutcome, Editor, register
+from editors.settings import Hparams, setting
 from lmview.tokens import prompt_ids, target_ids
 
 if TYPE_CHECKING:
@@ -124,20 +125,24 @@ class Pool:
         return [self.texts[index] for _, index in sorted(scored)[:k]]
 
 
+@dataclass(frozen=True)
+class IkeHparams(Hparams):
+    editor = "ike"
+    k: int = setting(16, minimum=0, unit="demonstrations", doc="retrieved demonstrations before every prompt")
+    retrieval: str = setting("tfidf", choices=RETRIEVALS, doc="how demonstrations are ranked")
+
+
 @register("ike")
 class InContextEditor(Editor):
     """IKE (Zheng et al. 2023): k retrieved demonstrations of other facts before every prompt; no weight change."""
 
-    DEFAULTS = {"k": 16, "retrieval": "tfidf"}
+    HPARAMS = IkeHparams
+    hp: IkeHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        self.k = self.setting("k")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
-            raise EditorError(f"ike: k must be an integer >= 0; got {self.k!r}")
-        self.retrieval = self.setting("retrieval")
-        if self.retrieval not in RETRIEVALS:
-            raise EditorError(f"ike: retrieval must be one of {', '.join(RETRIEVALS)}; got {self.retrieval!r}")
+        self.k = self.hp.k
+        self.retrieval = self.hp.retrieval
         self.pool = Pool.build([])
 
     def observe_dataset(self, cases: list[EditCase]) -> None:

@@ -30,12 +30,14 @@ Differences, deliberate:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from editors.base import EditOutcome, Editor, EditorError, register
 from editors.grace import original_module
+from editors.settings import Hparams, setting
 from lmview.tokens import prompt_ids, target_ids
 
 if TYPE_CHECKING:
@@ -78,29 +80,39 @@ def refine(per_prompt: list[set[tuple[int, int]]], p: float) -> list[tuple[int, 
 
 # --- the editor ------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class KnHparams(Hparams):
+    editor = "kn"
+    layers: list[int] | None = setting(None, layer=True, doc="layers whose neurons are attributed; null: every layer")
+    steps: int = setting(20, minimum=1, doc="integrated-gradient steps")
+    batch_size: int | None = setting(None, minimum=1, doc="IG steps per forward batch; null: all steps at once")
+    adaptive_threshold: float = setting(0.2, minimum=0.0, maximum=1.0, unit="× the largest attribution")
+    p: float = setting(0.5, minimum=0.0, maximum=1.0, doc="share of the prompts a neuron must be selected in")
+    lambda_true: float = setting(1.0, doc="scale of the erased token's embedding subtracted from each value slot")
+    lambda_new: float = setting(8.0, doc="scale of the new answer's embedding added to each value slot")
+    erase_token: str = setting("target_true", choices=ERASE_TOKENS, doc="which token's embedding is subtracted")
+    refine: bool = setting(True, doc="attribute over the rewrite prompt and its paraphrases; false: the prompt alone")
+
+
 @register("kn")
 class KnowledgeNeurons(Editor):
     """Knowledge Neurons (Dai et al. 2022): IG attribution to MLP neurons, then their value slots edited."""
 
-    # layers None: every layer; batch_size None: = steps
-    DEFAULTS = {"layers": None, "steps": 20, "batch_size": None, "adaptive_threshold": 0.2, "p": 0.5,
-                "lambda_true": 1.0, "lambda_new": 8.0, "erase_token": "target_true", "refine": True}
+    HPARAMS = KnHparams
+    hp: KnHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
         n = bundle.arch.n_layers
-        layers = self.setting("layers")
-        self.layers = [int(x) for x in (range(n) if layers is None else layers)]
-        if not self.layers or any(not 0 <= x < n for x in self.layers):
+        self.layers = list(range(n)) if self.hp.layers is None else list(self.hp.layers)
+        if not self.layers:
             raise EditorError(f"kn: layers must be a non-empty list of layers in 0..{n - 1}")
-        self.steps = int(self.setting("steps"))
-        self.batch_size = int(self.setting("batch_size") or self.steps)
-        self.threshold = float(self.setting("adaptive_threshold"))
-        self.p = float(self.setting("p"))
-        if self.steps < 1 or self.batch_size < 1 or not 0 < self.threshold < 1 or not 0 < self.p <= 1:
-            raise EditorError("kn: need steps >= 1, batch_size >= 1, 0 < adaptive_threshold < 1, 0 < p <= 1")
-        if self.setting("erase_token") not in ERASE_TOKENS:
-            raise EditorError(f"kn: erase_token must be one of {', '.join(ERASE_TOKENS)}")
+        self.steps = self.hp.steps
+        self.batch_size = self.hp.batch_size or self.steps
+        self.threshold = float(self.hp.adaptive_threshold)
+        self.p = float(self.hp.p)
+        if not 0 < self.threshold < 1 or not 0 < self.p <= 1:
+            raise EditorError("kn: need 0 < adaptive_threshold < 1 and 0 < p <= 1")
         self.last_neurons: list[tuple[int, int]] = []
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
@@ -154,14 +166,14 @@ class KnowledgeNeurons(Editor):
     def knowledge_neurons(self, case: EditCase) -> list[tuple[int, int]]:
         """(layer, neuron) pairs, refined over the rewrite prompt and the paraphrases."""
         answer = target_ids(self.bundle.tokenizer, case.target_true)[0]
-        prompts = (case.rewrite_prompt, *case.paraphrases) if self.setting("refine") else (case.rewrite_prompt,)
+        prompts = (case.rewrite_prompt, *case.paraphrases) if self.hp.refine else (case.rewrite_prompt,)
         per_prompt = [coarse_neurons(self.attribution(prompt, answer), self.threshold) for prompt in prompts]
         return [(self.layers[row], neuron) for row, neuron in refine(per_prompt, self.p)]
 
     @torch.no_grad()
     def erased_token(self, case: EditCase) -> int:
         """The token whose embedding is subtracted: target_true's first (paper) or the model's top-1 (EasyEdit)."""
-        if self.setting("erase_token") == "target_true":
+        if self.hp.erase_token == "target_true":
             return target_ids(self.bundle.tokenizer, case.target_true)[0]
         ids = torch.tensor([prompt_ids(self.bundle.tokenizer, case.rewrite_prompt)], device=self.bundle.device)
         return int(self.bundle.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
@@ -171,8 +183,8 @@ class KnowledgeNeurons(Editor):
     def update_values(self, neurons: list[tuple[int, int]], true_token: int, new_token: int) -> None:
         """FFN(val)_i ← FFN(val)_i − λ₁·e(true) + λ₂·e(new) for every neuron (paper §5.1)."""
         emb = self.bundle.model.get_output_embeddings().weight
-        shift = (float(self.setting("lambda_new")) * emb[new_token].float()
-                 - float(self.setting("lambda_true")) * emb[true_token].float())
+        shift = (float(self.hp.lambda_new) * emb[new_token].float()
+                 - float(self.hp.lambda_true) * emb[true_token].float())
         for layer, neuron in neurons:
             w = self.bundle.arch.mlp_out_matrix(self.bundle.model, layer)  # [d_model, d_mlp] view
             w[:, neuron] += shift.to(w.dtype)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from editors._locate import (
+    LocateHparams,
     ShiftedForward,
     check_layers,
     context_prefixes,
@@ -40,12 +41,22 @@ from editors._locate import (
     subject_rows,
 )
 from editors.base import EditOutcome, Editor, register
+from editors.settings import setting
 
 if TYPE_CHECKING:
     from lmview.case import EditCase
     from lmview.models import ModelBundle
 
 MEMIT_LENGTH_PARAMS = [[10, 5]]
+
+
+@dataclass(frozen=True)
+class MemitHparams(LocateHparams):
+    editor = "memit"
+    context_template_length_params: list[list[int]] = setting(
+        MEMIT_LENGTH_PARAMS, minimum=0, doc="context prefixes sampled from the model: [[tokens, count], ...]")
+    mom2_update_weight: float = setting(15000.0, minimum=0.0, doc="λ, the weight of C in (λC + KKᵀ)")
+    layer_selection: str = setting("all", choices=("all",), doc="EasyEdit's key; only 'all' is implemented")
 
 
 @dataclass
@@ -70,12 +81,14 @@ class Memit(Editor):
     """MEMIT (Meng et al. 2023): residual target spread over `layers`, batched least squares per layer."""
 
     batched = True
+    HPARAMS = MemitHparams
+    hp: MemitHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        self.layers = check_layers(self.name, bundle, hparams)
+        self.layers = check_layers(self.name, bundle, self.hp)
         self.z_layer = self.layers[-1]
-        record_key_sample(hparams)
+        record_key_sample(hparams, self.hp)
         self.last_steps: list[LayerStep] = []  # the latest apply() only
         self.last_targets: torch.Tensor | None = None  # z_i [n, d_model] of the latest apply()
         self._c: dict[int, torch.Tensor] | None = None
@@ -87,7 +100,7 @@ class Memit(Editor):
         return context_prefixes(self.bundle, self.length_params())
 
     def length_params(self) -> list[list[int]]:
-        return self.hparams.get("context_template_length_params", MEMIT_LENGTH_PARAMS)
+        return self.hp.context_template_length_params
 
     def keys(self, cases: list[EditCase], layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Grouped-mean keys at `layers` ([n, d_mlp]) and the bare prompt's residual after z_layer ([n, d_model])."""
@@ -96,12 +109,12 @@ class Memit(Editor):
 
     def covariances(self) -> dict[int, torch.Tensor]:
         if self._c is None:
-            self._c = covariances(self.bundle, self.layers, self.hparams)
+            self._c = covariances(self.bundle, self.layers, self.hp)
         return self._c
 
     def layer_update(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """ΔW_l for this method; `keys` [d_mlp, n], `resid` [d_model, n]."""
-        return memit_update(keys, resid, self.covariances()[layer], float(self.hparams.get("mom2_update_weight", 15000)))
+        return memit_update(keys, resid, self.covariances()[layer], self.hp.mom2_update_weight)
 
     def z_targets(self, cases: list[EditCase]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         """z_i = h_i^L + δ_i for every case ([n, d_model] float64) and each optimisation's stats."""
@@ -109,7 +122,7 @@ class Memit(Editor):
         for case in cases:
             fwd = ShiftedForward(self.bundle, self.z_layer, subject_rows(self.bundle, case, self.prefixes()))
             z0 = fwd.residual[0]  # row 0: the bare rewrite prompt
-            delta, info = optimise_shift(fwd, self.hparams, z0)
+            delta, info = optimise_shift(fwd, self.hp, z0)
             targets.append((z0 + delta).double())
             stats.append({**info, "z0_norm": z0.norm()})
         return torch.stack(targets), stats

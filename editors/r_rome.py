@@ -16,20 +16,32 @@ rank-one update differs:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from editors.base import register
-from editors.rome import Rome, rank_one_update
+from editors.rome import Rome, RomeHparams, rank_one_update
+from editors.settings import setting
+
+
+@dataclass(frozen=True)
+class RRomeHparams(RomeHparams):
+    editor = "r-rome"
+    enable_random_prefix_keys: bool = setting(True, doc="r-ROME's update; false: the original ROME update")
 
 
 @register("r-rome")
 class RRome(Rome):
     """r-ROME (Gupta et al. 2024): ROME with the same k* in the update's numerator and denominator."""
 
+    HPARAMS = RRomeHparams
+    hp: RRomeHparams
+
     def update(self, w: torch.Tensor, c: torch.Tensor | None, key_rows: torch.Tensor,
                delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (the key that W + ΔW maps to v*, v*, ΔW float64); row 0 of key_rows is the bare prompt."""
-        if not self.hparams.get("enable_random_prefix_keys", True):
+        if not self.hp.enable_random_prefix_keys:
             return super().update(w, c, key_rows, delta)
         k_star, k_bare = key_rows.mean(0), key_rows[0]
         with torch.no_grad():

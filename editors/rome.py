@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from editors._locate import (  # noqa: F401  (fill_subject, subject_last_index: re-exported)
+    LocateHparams,
     ShiftedForward,
+    check_loss_layer,
     context_prefixes,
     fill_subject,
     key_sample_args,
@@ -85,22 +87,25 @@ def rank_one_update(w: torch.Tensor, c: torch.Tensor | None, key: torch.Tensor,
 
 # --- the editor ------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class RomeHparams(LocateHparams):
+    editor = "rome"
+
+
 @register("rome")
 class Rome(Editor):
     """ROME (Meng et al. 2022) as published: k* over context prefixes, the bare prompt's key in the denominator."""
 
+    HPARAMS = RomeHparams
+    hp: RomeHparams
+
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        layers = hparams.get("layers", [])
-        if len(layers) != 1:
-            raise EditorError(f"{self.name} edits exactly one layer; got layers={layers}")
-        if hparams.get("fact_token", "subject_last") != "subject_last":
-            raise EditorError(f"{self.name}: only fact_token 'subject_last' is implemented")
-        loss_layer = int(hparams.get("v_loss_layer", -1))  # -1: the last layer
-        if loss_layer not in (-1, bundle.arch.n_layers - 1):
-            raise EditorError(f"{self.name}: v_loss_layer must be the last layer ({bundle.arch.n_layers - 1}) or -1")
-        self.layer = int(layers[0])
-        record_key_sample(hparams)
+        if len(self.hp.layers) != 1:
+            raise EditorError(f"{self.name} edits exactly one layer; got layers={self.hp.layers}")
+        check_loss_layer(self.name, bundle, self.hp)
+        self.layer = self.hp.layers[0]
+        record_key_sample(hparams, self.hp)
         self.history: list[RomeStep] = []
         self._prefixes: list[str] | None = None
         self._c: torch.Tensor | None = None
@@ -112,16 +117,16 @@ class Rome(Editor):
     def prefixes(self) -> list[str]:
         """Context prefixes "x_j. " sampled from the model, plus the empty one (the bare prompt)."""
         if self._prefixes is None:
-            self._prefixes = context_prefixes(self.bundle, self.hparams.get("context_template_length_params"))
+            self._prefixes = context_prefixes(self.bundle, self.hp.context_template_length_params)
         return self._prefixes
 
     def covariance(self) -> torch.Tensor | None:
         """C = E[k kᵀ] at the edited layer (float64), or None (identity) without mom2_adjustment."""
-        if not self.hparams.get("mom2_adjustment", True):
+        if not self.hp.mom2_adjustment:
             return None
         if self._c is None:
-            self._c = second_moment(self.bundle, self.layer, max_len=int(self.hparams.get("mom2_max_len", 128)),
-                                    **key_sample_args(self.hparams)).double()
+            self._c = second_moment(self.bundle, self.layer, max_len=self.hp.mom2_max_len,
+                                    **key_sample_args(self.hp)).double()
         return self._c
 
     def edit_one(self, case: EditCase) -> dict[str, torch.Tensor]:
@@ -130,7 +135,7 @@ class Rome(Editor):
         w = self.bundle.arch.mlp_out_matrix(self.bundle.model, self.layer)
         key_rows = fwd.keys[: fwd.rows.n_rewrite]  # [prefixes, d_mlp], the key under each prefix; row 0 bare
         v0 = fwd.values[0]  # compute_v.py `target_init`: the out-projection output at the bare prompt
-        delta, stats = optimise_shift(fwd, self.hparams, v0)
+        delta, stats = optimise_shift(fwd, self.hp, v0)
         key, v_star, delta_w = self.update(w, self.covariance(), key_rows, delta)
         with torch.no_grad():
             w.add_(delta_w.to(w.dtype))

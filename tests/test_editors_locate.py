@@ -11,8 +11,8 @@ import torch
 
 from bench.run import restore
 from editors import keystats
-from editors._locate import (ShiftedForward, context_prefixes, keys_and_residual, optimise_shift, subject_rows,
-                              weight_decay_term)
+from editors._locate import (LocateHparams, ShiftedForward, context_prefixes, keys_and_residual, optimise_shift,
+                             subject_rows, weight_decay_term)
 from editors.base import EditorError, get_editor, load_hparams
 from editors.emmet import emmet_update
 from lmview.arch import backup
@@ -380,8 +380,8 @@ def test_shift_loss_and_steps_by_hand(models, name: str) -> None:
     prefixes = context_prefixes(bundle, [[5, 2]])
     fwd = ShiftedForward(bundle, layer, subject_rows(bundle, case, prefixes))
     ref = fwd.values[0]
-    hp = {"v_num_grad_steps": 4, "v_lr": 0.2, "clamp_norm_factor": 100.0, "kl_factor": 0.5, "v_weight_decay": 0.3,
-          "v_early_stop_loss": -1.0}
+    hp = LocateHparams(v_num_grad_steps=4, v_lr=0.2, clamp_norm_factor=100.0, kl_factor=0.5, v_weight_decay=0.3,
+                       v_early_stop_loss=-1.0)
     delta, stats = optimise_shift(fwd, hp, ref)
     assert float(stats["v_steps"]) == 3
     target = target_ids(tok, case.target_new)
@@ -409,11 +409,11 @@ def test_early_stop_threshold(models, name: str) -> None:
     bundle = models[name]
     fwd = ShiftedForward(bundle, 1, subject_rows(bundle, CASES[5], context_prefixes(bundle, [[5, 2]])))
     base = {"v_num_grad_steps": 6, "v_lr": 0.2, "clamp_norm_factor": 100.0}
-    _, full = optimise_shift(fwd, {**base, "v_early_stop_loss": -1.0}, fwd.values[0])
-    _, stopped = optimise_shift(fwd, {**base, "v_early_stop_loss": 1e9}, fwd.values[0])
+    _, full = optimise_shift(fwd, LocateHparams(**base, v_early_stop_loss=-1.0), fwd.values[0])
+    _, stopped = optimise_shift(fwd, LocateHparams(**base, v_early_stop_loss=1e9), fwd.values[0])
     assert float(full["v_steps"]) == 5 and float(stopped["v_steps"]) == 0
     with pytest.raises(EditorError, match="v_num_grad_steps"):
-        optimise_shift(fwd, {**base, "v_num_grad_steps": 0}, fwd.values[0])
+        LocateHparams.from_mapping({**base, "v_num_grad_steps": 0})
 
 
 # --- emmet's epsilon, alphaedit's memory after a rollback ---------------------------------
