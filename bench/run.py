@@ -695,7 +695,7 @@ def prepare(cfg: RunConfig, stored: dict[str, Any] | None = None) -> PreparedRun
             raise DatasetError(why_no_cases(counts))
     log.info("loading: %d cases kept (%d rejected, %d not known to the model)", counts["kept"], counts["rejected"],
              counts["unknown_skipped"])
-    manifest = {"editor": cfg.editor, "hparams": hparams, "hparams_file": hparams_path, "seed": cfg.seed,
+    manifest = {"editor": cfg.editor, "hparams": editor.hparams, "hparams_file": hparams_path, "seed": cfg.seed,
                 "model": bundle.provenance, "device": str(bundle.device),
                 "dataset": {"name": data.name, "path": data.path, "sha256": data.sha256, "split": data.split},
                 "cases": counts, "case_ids": [c.case_id for c in cases], "n_planned": len(cases),

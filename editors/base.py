@@ -45,11 +45,11 @@ class Editor:
     hp: Hparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
-        """`hparams` as given (a file's mapping); it is checked into `self.hp`, and the run manifest records
-        the mapping itself, with anything the editor adds to it (the key-statistics sample)."""
+        """`hparams` as given (a file's mapping) is checked into `self.hp`; `self.hparams`, a copy of it plus what
+        the editor records about itself (the key-statistics sample), is what the run manifest writes."""
         self.bundle = bundle
-        self.hparams = hparams
         self.hp = self.HPARAMS.from_mapping(hparams, n_layers=bundle.arch.n_layers)
+        self.hparams = dict(hparams)
 
     def parameters_to_touch(self, cases: list[EditCase]) -> list[str]:
         """Names (as in model.named_parameters) of every tensor `apply` may modify, for backup and restore."""

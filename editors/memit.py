@@ -88,7 +88,7 @@ class Memit(Editor):
         super().__init__(bundle, hparams)
         self.layers = check_layers(self.name, bundle, self.hp)
         self.z_layer = self.layers[-1]
-        record_key_sample(hparams, self.hp)
+        record_key_sample(self.hparams, self.hp)
         self.last_steps: list[LayerStep] = []  # the latest apply() only
         self.last_targets: torch.Tensor | None = None  # z_i [n, d_model] of the latest apply()
         self._c: dict[int, torch.Tensor] | None = None

@@ -105,7 +105,7 @@ class Rome(Editor):
             raise EditorError(f"{self.name} edits exactly one layer; got layers={self.hp.layers}")
         check_loss_layer(self.name, bundle, self.hp)
         self.layer = self.hp.layers[0]
-        record_key_sample(hparams, self.hp)
+        record_key_sample(self.hparams, self.hp)
         self.history: list[RomeStep] = []
         self._prefixes: list[str] | None = None
         self._c: torch.Tensor | None = None

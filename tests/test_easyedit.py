@@ -65,6 +65,8 @@ def _deltas(editor_name: str, bundle: ModelBundle, hp: dict, cases: list[EditCas
             names: list[str]) -> tuple[dict[str, torch.Tensor], object]:
     """Applies one editor, returns its weight deltas (float64) and the editor; the weights are restored."""
     saved = _weights(bundle, names)
+    if not editor_name.startswith("easyedit:"):  # `context_templates` is a key of the reference editors only
+        hp = {k: v for k, v in hp.items() if k != "context_templates"}
     editor = get_editor(editor_name)(bundle, hp)
     editor.apply(cases)
     after = _weights(bundle, names)

@@ -152,7 +152,7 @@ def test_corrupted_prompt_swaps_the_query_subject(facts) -> None:
 
 def test_bad_hyperparameters() -> None:
     bundle = load_model("tiny-gpt2", "cpu")
-    with pytest.raises(EditorError, match="k must be"):
+    with pytest.raises(EditorError, match="key 'k': -1 must be at least 0"):
         get_editor("ike")(bundle, {"k": -1})
-    with pytest.raises(EditorError, match="retrieval"):
+    with pytest.raises(EditorError, match="key 'retrieval': 'sentence-transformers' is not one of 'tfidf'"):
         get_editor("ike")(bundle, {"retrieval": "sentence-transformers"})
