@@ -1,13 +1,18 @@
-"""`python -m bench`: run, leaderboard, list."""
+"""`python -m bench`: one registry of subcommands (run, leaderboard, list, and every `bench/cmd_<name>.py`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import pkgutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from lmview.models import DEFAULT_MODEL
+from lmview.registry import Registry
 
 log = logging.getLogger("bench")
 
@@ -47,8 +52,12 @@ def check_ranges(args: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m bench", description="Knowledge-editing benchmark harness")
     sub = parser.add_subparsers(dest="command", required=True)
+    for entry in COMMANDS.entries():
+        COMMANDS.get(entry.name).add_arguments(sub.add_parser(entry.name, help=entry.description))
+    return parser
 
-    run = sub.add_parser("run", help="edit facts, score them, and find their circuits before and after")
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--editor", default=None, help="registered editor name (see `list editors`); required")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue a killed or interrupted run in RUN_DIR (its manifest gives the configuration)")
@@ -91,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ppl-texts", type=int, default=8,
                      help="held-out Wikipedia texts for the per-case ppl_pre/ppl_post (0: off; default 8)")
 
-    board = sub.add_parser("leaderboard", help="render the leaderboard from run folders")
+
+def _leaderboard_arguments(board: argparse.ArgumentParser) -> None:
     board.add_argument("--runs", default="runs")
     board.add_argument("--output", default=None, help="write the leaderboard here instead of stdout")
     board.add_argument("--format", choices=["md", "json", "csv"], default="md", help="output format (default md)")
@@ -99,26 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--include-partial", action="store_true",
                        help="also show interrupted, failed and killed runs, marked partial (default: complete runs only)")
 
-    lister = sub.add_parser("list", help="list editors, models or datasets")
+
+def _list_arguments(lister: argparse.ArgumentParser) -> None:
     lister.add_argument("what", choices=["editors", "models", "datasets"])
-    for name, module in plugin_commands().items():
-        module.add_arguments(sub.add_parser(name, help=module.HELP))
-    return parser
-
-
-def plugin_commands() -> dict:
-    """Commands in `bench/cmd_<name>.py` modules: each defines NAME, HELP, add_arguments(parser) and main(args)."""
-    import importlib
-    import pkgutil
-
-    import bench
-
-    found = {}
-    for info in sorted(pkgutil.iter_modules(bench.__path__), key=lambda i: i.name):
-        if info.name.startswith("cmd_"):
-            module = importlib.import_module(f"bench.{info.name}")
-            found[module.NAME] = module
-    return found
 
 
 RUN_DEFAULTS = {"model": DEFAULT_MODEL, "dataset": "facts", "n": None, "seed": 0, "device": "auto",
@@ -185,16 +178,19 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "editors":
-        from editors.base import registry
+        from editors.base import EDITORS
+        from lmview.registry import first_doc_line
 
-        for name, cls in registry().items():
-            doc = (cls.__doc__ or "").strip().splitlines()
-            print(f"{name:16s} {doc[0] if doc else ''}")
+        for entry in EDITORS.entries():
+            text = (first_doc_line(EDITORS.get(entry.name)) if entry.installed else
+                    f"{entry.description}: not installed (needs {', '.join(entry.missing())}); {entry.install}")
+            print(f"{entry.name:16s} {text}")
     elif args.what == "models":
-        from lmview.models import MODELS_HELP
+        from lmview.models import MODELS, OTHER_MODELS
 
-        for name, text in MODELS_HELP.items():
-            print(f"{name:22s} {text}")
+        for entry in MODELS.entries():
+            print(f"{entry.name:22s} {entry.description}")
+        print(f"{'<hub id or local dir>':22s} {OTHER_MODELS}")
     else:
         from bench.data import dataset_descriptions
         from bench.lre import relation_names
@@ -239,6 +235,32 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what a `bench/cmd_<name>.py` module defines (NAME, HELP, add_arguments, main)."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    main: Callable[[argparse.Namespace], int]
+
+
+def _discover_commands(registry: Registry[Any]) -> None:
+    """The built-in commands, then every `bench/cmd_<name>.py` module."""
+    import bench
+
+    registry.add("run", Command(_run_arguments, _cmd_run),
+                 "edit facts, score them, and find their circuits before and after")
+    registry.add("leaderboard", Command(_leaderboard_arguments, _cmd_leaderboard),
+                 "render the leaderboard from run folders")
+    registry.add("list", Command(_list_arguments, _cmd_list), "list editors, models or datasets")
+    for info in pkgutil.iter_modules(bench.__path__):
+        if info.name.startswith("cmd_"):
+            module = importlib.import_module(f"bench.{info.name}")
+            registry.add(module.NAME, module, module.HELP)
+
+
+COMMANDS: Registry[Any] = Registry("command", discover=_discover_commands)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -251,10 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "transformer_lens", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    commands = {"run": _cmd_run, "leaderboard": _cmd_leaderboard, "list": _cmd_list}
-    commands.update({name: module.main for name, module in plugin_commands().items()})
     try:
-        return commands[args.command](args)
+        return COMMANDS.get(args.command).main(args)
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from bench.corrupt import CorruptionPool, answer_check, prompt_pairs, prompt_sets
-from bench.data import LoadedDataset, load_dataset
+from bench.data import load_dataset
+from bench.data.records import LoadedDataset
 from bench.integrity import IntegrityError, ModelGuard
 from bench.lens import case_lens
 from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics

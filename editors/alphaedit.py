@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editors.base import EditOutcome, EditorError, register
+from editors.base import EditOutcome, EditorError
 from editors.memit import Memit, MemitHparams
 from editors.settings import setting
 
@@ -62,10 +62,10 @@ class AlphaEditHparams(MemitHparams):
     L2: float = setting(10.0, minimum=0.0, doc="the ridge term L2·I in the update's solve")
 
 
-@register("alphaedit")
 class AlphaEdit(Memit):
     """AlphaEdit (Fang et al. 2025): MEMIT's update projected on the null space of the corpus keys."""
 
+    name = "alphaedit"
     batched = True
     HPARAMS = AlphaEditHparams
     hp: AlphaEditHparams

@@ -1,15 +1,12 @@
 """The editor interface, the registry, and hyperparameter lookup.
 
-An editor is one module in `editors/` that defines a subclass of `Editor`
-decorated with `@register("name")`, plus YAML hyperparameters in
-`editors/hparams/<name>/<model-or-family>.yaml`. Nothing else has to change:
-the registry imports every module of this package on first use.
+An editor is one module in `editors/` that defines a subclass of `Editor` with its `name` and its
+hyperparameter dataclass (`HPARAMS`), one line in `NATIVE` below, and YAML hyperparameters in
+`editors/hparams/<name>/<model-or-family>.yaml`. The registry imports an editor's module on first use.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +16,7 @@ import yaml
 from editors.errors import EditorError
 from editors.settings import Hparams
 from lmview.paths import REPO_ROOT
+from lmview.registry import Lazy, Registry, UnknownChoice
 
 if TYPE_CHECKING:
     from lmview.case import EditCase
@@ -69,42 +67,44 @@ class Editor:
         """Removes state outside the backed-up parameters (hooks, codebooks); called after the weights are restored."""
 
 
-_REGISTRY: dict[str, type[Editor]] = {}
-UNAVAILABLE: dict[str, str] = {}  # optional editors whose extra is not installed -> how to install it
-_DISCOVERED = False
+EDITORS: Registry[type[Editor]] = Registry("editor")
+NATIVE = {  # name -> where its class lives
+    "rome": "editors.rome:Rome", "r-rome": "editors.r_rome:RRome", "memit": "editors.memit:Memit",
+    "emmet": "editors.emmet:Emmet", "alphaedit": "editors.alphaedit:AlphaEdit", "ft-l": "editors.ft:FineTuneL",
+    "ft-m": "editors.ft_m:FineTuneM", "grace": "editors.grace:Grace", "kn": "editors.kn:KnowledgeNeurons",
+    "ike": "editors.ike:InContextEditor",
+}
+# the EasyEdit reference editors (editors/easyedit.py): optional, with what each needs beyond the harness
+EASYEDIT_INSTALL = "pip install --no-deps easyeditor==0.0.1.dev0 && pip install -e '.[easyedit]'"
+EASYEDIT = {"rome": ("EasyEditRome", ("numpy", "datasets")), "memit": ("EasyEditMemit", ("numpy", "datasets")),
+            "ft": ("EasyEditFt", ()), "kn": ("EasyEditKn", ("numpy", "einops"))}
+for _name, _path in NATIVE.items():
+    EDITORS.add(_name, Lazy(_path))
+for _method, (_cls, _needs) in EASYEDIT.items():
+    EDITORS.add(f"easyedit:{_method}", Lazy(f"editors.easyedit:{_cls}"), f"EasyEdit's {_method} (reference)",
+                requires=("easyeditor", *_needs), install=EASYEDIT_INSTALL)
 
 
 def register(name: str):
+    """Registers an editor class defined elsewhere (tests, plugins) under `name`."""
     def wrap(cls: type[Editor]) -> type[Editor]:
         cls.name = name
-        _REGISTRY[name] = cls
+        EDITORS.add(name, cls)
         return cls
 
     return wrap
 
 
-def _discover() -> None:
-    package = importlib.import_module("editors")
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in ("base", "errors") and not info.name.startswith("_"):
-            importlib.import_module(f"editors.{info.name}")
-
-
 def registry() -> dict[str, type[Editor]]:
-    global _DISCOVERED
-    if not _DISCOVERED:
-        _DISCOVERED = True
-        _discover()
-    return dict(sorted(_REGISTRY.items()))
+    """Every installed editor by name, imported."""
+    return {name: EDITORS.get(name) for name in EDITORS.names()}
 
 
 def get_editor(name: str) -> type[Editor]:
-    editors = registry()
-    if name not in editors:
-        if name in UNAVAILABLE:
-            raise EditorError(f"editor '{name}' is not installed: {UNAVAILABLE[name]}")
-        raise EditorError(f"unknown editor '{name}'; valid: {', '.join(editors)}")
-    return editors[name]
+    try:
+        return EDITORS.get(name)
+    except UnknownChoice as exc:
+        raise EditorError(str(exc)) from None
 
 
 def hparams_candidates(editor: str, model_name: str, family: str) -> list[Path]:

@@ -2,8 +2,9 @@
 
 `easyedit:rome`, `easyedit:memit`, `easyedit:ft` and `easyedit:kn` call EasyEdit's own
 `apply_<method>_to_model` on our Hugging Face model and tokenizer, in place, so `bench run` scores them
-exactly like the native editors. They are registered only when the package and the modules its editors
-import are installed (see INSTALL); otherwise `--editor easyedit:...` says how to install them.
+exactly like the native editors. The registry (editors/base.py) always lists them; while the package or a
+module its editors import is missing they are listed as not installed, and `--editor easyedit:...` says how
+to install them.
 EasyEdit's IKE (sentence-transformers retrieval over a downloaded zsRE embedding set), LoRA (peft),
 MEND and SERAC (trained hypernetworks / classifiers) need downloads or training and are not offered.
 
@@ -59,9 +60,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from editors import base
 from editors._easyedit_hparams import to_easyedit
-from editors.base import EditOutcome, Editor, EditorError, register
+from editors.base import EASYEDIT, EASYEDIT_INSTALL, EditOutcome, Editor, EditorError
 from editors.ft import FineTuneLHparams
 from editors.keystats import second_moment
 from editors.kn import KnHparams
@@ -75,13 +75,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bench")
 
-INSTALL = "pip install --no-deps easyeditor==0.0.1.dev0 && pip install -e '.[easyedit]'"
+INSTALL = EASYEDIT_INSTALL
 ALIAS = "_kebench_easyeditor"
 STUB_PACKAGES = ("", "models", "util")
 DEVICE_LITERAL = re.compile(r"""f(["'])cuda:\{hparams\.device\}\1""")
 CONTEXT_SEED = 1234
 # third-party modules the offered methods import (beyond torch, transformers, yaml, tqdm, matplotlib)
-NEEDS = {"rome": ("numpy", "datasets"), "memit": ("numpy", "datasets"), "ft": (), "kn": ("numpy", "einops")}
+NEEDS = {method: needs for method, (_cls, needs) in EASYEDIT.items()}
 
 
 # --- loading --------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ class EasyEditRome(EasyEditEditor):
     """EasyEdit's ROME, one case after the other (its apply_rome_to_model takes one request)."""
 
     HPARAMS = EasyEditRomeHparams
-    method, alg_name = "rome", "ROME"
+    name, method, alg_name = "easyedit:rome", "rome", "ROME"
     hparams_class = ("models.rome.rome_hparams", "ROMEHyperParams")
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
@@ -374,7 +374,7 @@ class EasyEditMemit(EasyEditEditor):
     """EasyEdit's MEMIT, the whole batch in one update."""
 
     HPARAMS = EasyEditMemitHparams
-    method, alg_name = "memit", "MEMIT"
+    name, method, alg_name = "easyedit:memit", "memit", "MEMIT"
     batched = True
     native_length_params = [[10, 5]]
     hparams_class = ("models.memit.memit_hparams", "MEMITHyperParams")
@@ -415,7 +415,7 @@ class EasyEditFt(EasyEditEditor):
     """
 
     HPARAMS = EasyEditFtHparams
-    method, alg_name = "ft", "FT"
+    name, method, alg_name = "easyedit:ft", "ft", "FT"
     batched = True
     hparams_class = ("models.ft.ft_hparams", "FTHyperParams")
 
@@ -438,7 +438,7 @@ class EasyEditKn(EasyEditEditor):
     """EasyEdit's Knowledge Neurons: attribution on the rewrite prompt, then the value-slot edit."""
 
     HPARAMS = EasyEditKnHparams
-    method, alg_name = "kn", "KN"
+    name, method, alg_name = "easyedit:kn", "kn", "KN"
     hparams_class = ("models.kn.kn_hparams", "KNHyperParams")
     MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}
 
@@ -466,19 +466,3 @@ class EasyEditKn(EasyEditEditor):
                            [self.request(case, template=False)], self.ee_hparams)
         return self.outcome(before, cases)
 
-
-EDITORS: dict[str, type[EasyEditEditor]] = {
-    cls.method: cls for cls in (EasyEditRome, EasyEditMemit, EasyEditFt, EasyEditKn)}
-
-
-def _register_available() -> None:
-    """Registers each method whose requirements are installed; records how to get the others."""
-    for method, cls in EDITORS.items():
-        missing = missing_requirements(method)
-        if missing:
-            base.UNAVAILABLE[f"easyedit:{method}"] = f"needs {', '.join(missing)}; install with: {INSTALL}"
-        else:
-            register(f"easyedit:{method}")(cls)
-
-
-_register_available()

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from editors.base import register
 from editors.memit import Memit, MemitHparams
 from editors.settings import setting
 
@@ -45,10 +44,10 @@ class EmmetHparams(MemitHparams):
     emmet_lambda: float = setting(0.1, minimum=0.0, doc="ε added to D = KᵀC'⁻¹K for batches of more than one")
 
 
-@register("emmet")
 class Emmet(Memit):
     """EMMET (Gupta et al. 2024): batched ROME, the batch as equality constraints, over MEMIT's layers."""
 
+    name = "emmet"
     batched = True
     HPARAMS = EmmetHparams
     hp: EmmetHparams

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from editors.base import EditOutcome, Editor, EditorError, register
+from editors.base import EditOutcome, Editor, EditorError
 from editors.settings import Hparams, setting
 from lmview.arch import parameter
 from lmview.tokens import TargetBatch, build_batch
@@ -174,10 +174,10 @@ class FineTuneBase(Editor):
         return EditOutcome(layers=list(self.layers), stats=stats)
 
 
-@register("ft-l")
 class FineTuneL(FineTuneBase):
     """FT-L (ROME's baseline): MLP output projection fine-tuned, every target token from the last prompt token."""
 
+    name = "ft-l"
     batched = True
     loss_fn = staticmethod(prompt_last_nll)
     HPARAMS = FineTuneLHparams

@@ -30,17 +30,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from editors.base import EditorError, register
+from editors.base import EditorError
 from editors.ft import FineTuneBase, FineTuneMHparams, target_nll
 
 if TYPE_CHECKING:
     from lmview.models import ModelBundle
 
 
-@register("ft-m")
 class FineTuneM(FineTuneBase):
     """FT-M (EasyEdit): fine-tune one MLP output projection, loss on the target tokens only."""
 
+    name = "ft-m"
     loss_fn = staticmethod(target_nll)
     HPARAMS = FineTuneMHparams
     hp: FineTuneMHparams

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editors.base import EditOutcome, Editor, EditorError, register
+from editors.base import EditOutcome, Editor, EditorError
 from editors.ft import target_nll
 from editors.settings import Hparams, setting
 from lmview.tokens import TargetBatch, build_batch
@@ -117,10 +117,10 @@ class GraceHparams(Hparams):
     seed: int = setting(0, doc="seeds a cold value")
 
 
-@register("grace")
 class Grace(Editor):
     """GRACE (Hartvigsen et al. 2023): key-value codebook with deferral radii at one MLP; no weight change."""
 
+    name = "grace"
     HPARAMS = GraceHparams
     hp: GraceHparams
 

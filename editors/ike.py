@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from editors.base import EditOutcome, Editor, register
+from editors.base import EditOutcome, Editor
 from editors.settings import Hparams, setting
 from lmview.tokens import prompt_ids, target_ids
 
@@ -132,10 +132,10 @@ class IkeHparams(Hparams):
     retrieval: str = setting("tfidf", choices=RETRIEVALS, doc="how demonstrations are ranked")
 
 
-@register("ike")
 class InContextEditor(Editor):
     """IKE (Zheng et al. 2023): k retrieved demonstrations of other facts before every prompt; no weight change."""
 
+    name = "ike"
     HPARAMS = IkeHparams
     hp: IkeHparams
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from editors.base import EditOutcome, Editor, EditorError, register
+from editors.base import EditOutcome, Editor, EditorError
 from editors.grace import original_module
 from editors.settings import Hparams, setting
 from lmview.tokens import prompt_ids, target_ids
@@ -94,10 +94,10 @@ class KnHparams(Hparams):
     refine: bool = setting(True, doc="attribute over the rewrite prompt and its paraphrases; false: the prompt alone")
 
 
-@register("kn")
 class KnowledgeNeurons(Editor):
     """Knowledge Neurons (Dai et al. 2022): IG attribution to MLP neurons, then their value slots edited."""
 
+    name = "kn"
     HPARAMS = KnHparams
     hp: KnHparams
 

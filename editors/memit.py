@@ -40,7 +40,7 @@ from editors._locate import (
     record_key_sample,
     subject_rows,
 )
-from editors.base import EditOutcome, Editor, register
+from editors.base import EditOutcome, Editor
 from editors.settings import setting
 
 if TYPE_CHECKING:
@@ -76,10 +76,10 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weigh
     return r @ adj.T
 
 
-@register("memit")
 class Memit(Editor):
     """MEMIT (Meng et al. 2023): residual target spread over `layers`, batched least squares per layer."""
 
+    name = "memit"
     batched = True
     HPARAMS = MemitHparams
     hp: MemitHparams

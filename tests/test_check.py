@@ -16,6 +16,7 @@ from bench.cli import main
 from editors import base
 from editors.ft import FineTuneL
 from lmview.arch import parameter
+from lmview.registry import Entry
 
 TINY_SUITE = """\
 model: tiny-gpt2
@@ -85,8 +86,7 @@ def test_unchanged_editor_passes(gate, capsys):
 
 
 def test_update_scaled_to_zero_fails_with_a_clear_line(gate, capsys, monkeypatch):
-    base.registry()  # discover the real editors first, then break ft-l
-    monkeypatch.setitem(base._REGISTRY, "ft-l", ZeroedFT)
+    monkeypatch.setitem(base.EDITORS._entries, "ft-l", Entry("ft-l", ZeroedFT))  # break ft-l for this test
     assert check(*gate) == 1
     out = capsys.readouterr().out
     baseline = json.loads(gate[1].read_text())["editors"]["ft-l"]["metrics"]["log_p_new_lift"]

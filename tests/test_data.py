@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.data import DATASETS, facts_split_of, LoadedDataset, load_builtin, load_counterfact, load_dataset
+from bench.data import DATASETS, load_dataset
+from bench.data.builtin import facts_split_of, load_builtin
+from bench.data.counterfact import load_counterfact
+from bench.data.records import LoadedDataset
 from lmview.case import DatasetError, EditCase, validate_case
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -327,8 +330,9 @@ def test_load_dataset_detects_builtin_file(tmp_path: Path) -> None:
 def test_unknown_dataset_lists_valid_names() -> None:
     with pytest.raises(DatasetError) as err:
         load_dataset("no-such-dataset")
-    assert str(err.value) == ("unknown dataset 'no-such-dataset'; valid names: counterfact, facts, facts:all, "
-                              "facts:dev, knowedit, mquake, zsre, lre:<relation> (or pass a path to a .json/.jsonl file)")
+    assert str(err.value) == ("unknown dataset 'no-such-dataset'; valid: counterfact, facts, facts:all, facts:dev, "
+                              "facts:test, knowedit, mquake, zsre, lre:<relation>, or a path to a .json/.jsonl file "
+                              "(layout detected)")
 
 
 def test_registered_dataset_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

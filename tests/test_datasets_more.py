@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 
 import bench.data as data
-from bench.data import (dataset_descriptions, detect_layout, load_builtin, load_dataset, load_knowedit, load_mquake,
-                        load_zsre)
+import bench.data.sources as sources
+from bench.data import dataset_descriptions, detect_layout, load_dataset
+from bench.data.builtin import load_builtin
+from bench.data.knowedit import load_knowedit
+from bench.data.mquake import load_mquake
+from bench.data.zsre import load_zsre
 from lmview.case import DatasetError, EditCase, validate_case
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -314,11 +318,11 @@ def zsre_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """The zsre registry entry pointed at a test URL, with no shared sample and an empty cache."""
     monkeypatch.setenv("KEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("KEBENCH_ZSRE", raising=False)
-    monkeypatch.delenv(data.OFFLINE_ENV, raising=False)
+    monkeypatch.delenv(sources.OFFLINE_ENV, raising=False)
 
-    def point_at(url: str) -> data.DatasetSource:
-        source = dataclasses.replace(data.SOURCES["zsre"], url=url, shared=None)
-        monkeypatch.setitem(data.SOURCES, "zsre", source)
+    def point_at(url: str) -> sources.DatasetSource:
+        source = dataclasses.replace(sources.SOURCES["zsre"], url=url, shared=None)
+        monkeypatch.setitem(sources.SOURCES, "zsre", source)
         return source
     return point_at
 
@@ -344,7 +348,7 @@ def test_pinned_hash_mismatch_rejects_download(file_server, zsre_source, monkeyp
     root, base = file_server
     (root / "zsre.json").write_text(json.dumps([zsre_record()]))
     source = dataclasses.replace(zsre_source(f"{base}/zsre.json"), sha256="0" * 64)
-    monkeypatch.setitem(data.SOURCES, "zsre", source)
+    monkeypatch.setitem(sources.SOURCES, "zsre", source)
     with pytest.raises(DatasetError, match="expected 0000"):
         load_dataset("zsre")
     assert not source.cache_path().exists()
@@ -356,7 +360,7 @@ def test_offline_error_says_where_to_put_the_file(zsre_source, monkeypatch: pyte
         load_dataset("zsre")
     msg = str(err.value)
     assert "\n" not in msg and str(source.cache_path()) in msg and "KEBENCH_ZSRE" in msg
-    monkeypatch.setenv(data.OFFLINE_ENV, "1")
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
     with pytest.raises(DatasetError, match="not available offline .*KEBENCH_OFFLINE.*KEBENCH_ZSRE"):
         load_dataset("zsre")
 

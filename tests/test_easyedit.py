@@ -11,6 +11,7 @@ The hyperparameter-translation tests at the end need no EasyEdit install; the ot
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -98,14 +99,15 @@ def test_loader_skips_the_package_init() -> None:
     assert getattr(sys.modules[ee.ALIAS], "__file__", None) is None  # the stub root, not easyeditor/__init__.py
 
 
-def test_without_the_package_the_editors_are_absent_and_say_how_to_install(monkeypatch) -> None:
-    base.registry()
-    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if not k.startswith("easyedit:")})
-    monkeypatch.setattr(base, "UNAVAILABLE", {})
+def test_without_the_package_the_editors_are_listed_as_not_installed(monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "easyeditor" else real(name, *a))
     monkeypatch.setattr(ee, "package_dir", lambda: None)
-    ee._register_available()
     assert not [name for name in base.registry() if name.startswith("easyedit:")]
-    with pytest.raises(EditorError, match=r"easyedit:rome.*pip install --no-deps easyeditor==0\.0\.1\.dev0"):
+    listed = {e.name: e for e in base.EDITORS.entries()}
+    assert not listed["easyedit:rome"].installed and "easyeditor" in listed["easyedit:rome"].missing()
+    with pytest.raises(EditorError, match=r"^editor 'easyedit:rome' is not installed: needs easyeditor.*; "
+                                          r"install with: pip install --no-deps easyeditor==0\.0\.1\.dev0"):
         get_editor("easyedit:rome")
     with pytest.raises(EditorError, match="not installed"):
         ee.load("models.rome.rome_main")

@@ -434,7 +434,7 @@ BAD_INPUTS = {
     "unknown editor": (lambda t: ["run", "--editor", "nope"], "unknown editor 'nope'"),
     "no editor": (lambda t: ["run"], "run needs --editor"),
     "unknown model": (lambda t: ["run", "--editor", "ft-l", "--model", "./no/such/dir"], "does not exist"),
-    "unknown dataset": (lambda t: RUN + ["--dataset", "no-such-data"], "valid names"),
+    "unknown dataset": (lambda t: RUN + ["--dataset", "no-such-data"], "unknown dataset 'no-such-data'; valid: "),
     "unknown relation": (lambda t: RUN + ["--dataset", "lre:no_such_relation"], "no_such_relation"),
     "--n 0": (lambda t: RUN + ["--n", "0"], "--n must be at least 1; got 0"),
     "--n -1": (lambda t: RUN + ["--n", "-1"], "--n must be at least 1; got -1"),

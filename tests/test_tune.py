@@ -10,7 +10,8 @@ import yaml
 
 from bench.cli import main
 from bench.cmd_tune import choose, point_scores
-from bench.data import DEV_EVERY, load_dataset
+from bench.data import load_dataset
+from bench.data.builtin import DEV_EVERY
 from bench.run import RunConfig, run_case, select_cases
 from editors.base import HPARAMS_DIR, get_editor
 from lmview.models import load_model
