@@ -32,9 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench.run as run_module
 from bench.data import load_dataset
-from bench.models import load_model
-from bench.run import RunConfig, backup, restore, select_cases, sync
+from bench.run import RunConfig, restore, select_cases, sync
 from editors.base import get_editor, load_hparams
+from lmview.arch import backup
+from lmview.models import load_model
 
 PHASES = {"measure_before": "pre-scores (+ pre circuits)", "apply_edits": "edit",
           "measure_after": "post-scores (+ post circuits)", "find_circuit": "circuits (inside the scores)",
