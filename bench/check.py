@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bench.data import load_dataset
 from bench.results import METRICS, git_commit, now
+from lmview.io import read_yaml_mapping
 from lmview.paths import REPO_ROOT
 
 log = logging.getLogger("bench")
@@ -81,12 +80,7 @@ class Failure:
 def load_suite(path: Path) -> Suite:
     if not path.is_file():
         raise ValueError(f"suite file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping")
+    raw = read_yaml_mapping(path)
     for key in ("model", "dataset", "cases", "metrics"):
         if key not in raw:
             raise ValueError(f"{path}: missing field '{key}'")

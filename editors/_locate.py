@@ -58,7 +58,7 @@ _PREFIX_CACHE: dict[tuple[int, str, str], list[str]] = {}
 class LocateHparams(Hparams):
     """What ROME, r-ROME, MEMIT, EMMET and AlphaEdit share: the edited layers, δ's optimisation and C."""
 
-    layers: list[int] = setting([], layer=True, doc="the layers whose MLP output projection is rewritten")
+    layers: list[int] = setting([], layer=True, required=True, doc="the layers whose MLP output projection is rewritten")
     fact_token: str = setting("subject_last", choices=("subject_last",), doc="δ's position: the subject's last token")
     v_num_grad_steps: int = setting(20, minimum=1, unit="forward passes", doc="δ's optimisation; the last: no step")
     v_lr: float = setting(0.5, minimum=0.0, unit="Adam learning rate")

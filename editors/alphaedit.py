@@ -62,12 +62,10 @@ class AlphaEditHparams(MemitHparams):
     L2: float = setting(10.0, minimum=0.0, doc="the ridge term L2·I in the update's solve")
 
 
-class AlphaEdit(Memit):
+class AlphaEdit(Memit, hparams=AlphaEditHparams):
     """AlphaEdit (Fang et al. 2025): MEMIT's update projected on the null space of the corpus keys."""
 
-    name = "alphaedit"
     batched = True
-    HPARAMS = AlphaEditHparams
     hp: AlphaEditHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):

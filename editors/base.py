@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import yaml
-
 from editors.errors import EditorError
 from editors.settings import Hparams
+from lmview.io import read_yaml_mapping
 from lmview.paths import REPO_ROOT
 from lmview.registry import Lazy, Registry, UnknownChoice
 
@@ -41,6 +40,12 @@ class Editor:
     batched: ClassVar[bool] = False  # True: apply() takes a whole --batch-size batch in one update
     HPARAMS: ClassVar[type[Hparams]] = Hparams  # the editor's hyperparameters: keys, types, defaults, units
     hp: Hparams
+
+    def __init_subclass__(cls, hparams: type[Hparams] | None = None, **kwargs: Any) -> None:
+        """`class Rome(Editor, hparams=RomeHparams)`: the dataclass, and the editor's name from it."""
+        super().__init_subclass__(**kwargs)
+        if hparams is not None:
+            cls.HPARAMS, cls.name = hparams, hparams.editor
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         """`hparams` as given (a file's mapping) is checked into `self.hp`; `self.hparams`, a copy of it plus what
@@ -132,12 +137,7 @@ def load_hparams(editor: str, model_name: str, family: str, override: str | None
             tried = ", ".join(str(p.relative_to(HPARAMS_DIR.parent.parent)) for p in hparams_candidates(editor, model_name, family))
             raise EditorError(f"no hyperparameters for editor '{editor}' on '{model_name}'; tried {tried}")
         path = found[0]
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise EditorError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}")
-    if not isinstance(data, dict):
-        raise EditorError(f"{path}: expected a mapping of hyperparameters")
+    data = read_yaml_mapping(path, EditorError, "a mapping of hyperparameters")
     if "alg_name" in data:  # an EasyEdit hyperparameter file
         from editors._easyedit_hparams import from_easyedit
         data = from_easyedit(data, editor, family, str(path))

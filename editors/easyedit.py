@@ -211,24 +211,16 @@ class ReferenceHparams(Hparams):
                                      doc="EasyEdit's context-template sampler, or our ROME's prefixes")
 
 
-@dataclass(frozen=True)
-class EasyEditRomeHparams(RomeHparams, ReferenceHparams):
-    editor = "easyedit:rome"
+def _reference(native: type[Hparams], editor: str) -> type[Hparams]:
+    """The native method's dataclass plus `context_templates`, for the reference editor `editor`."""
+    bases = (native, ReferenceHparams)
+    return dataclass(frozen=True)(type(f"EasyEdit{native.__name__}", bases, {"editor": editor, "__module__": __name__}))
 
 
-@dataclass(frozen=True)
-class EasyEditMemitHparams(MemitHparams, ReferenceHparams):
-    editor = "easyedit:memit"
-
-
-@dataclass(frozen=True)
-class EasyEditFtHparams(FineTuneLHparams, ReferenceHparams):
-    editor = "easyedit:ft"
-
-
-@dataclass(frozen=True)
-class EasyEditKnHparams(KnHparams, ReferenceHparams):
-    editor = "easyedit:kn"
+EasyEditRomeHparams = _reference(RomeHparams, "easyedit:rome")
+EasyEditMemitHparams = _reference(MemitHparams, "easyedit:memit")
+EasyEditFtHparams = _reference(FineTuneLHparams, "easyedit:ft")
+EasyEditKnHparams = _reference(KnHparams, "easyedit:kn")
 
 
 class EasyEditEditor(Editor):
@@ -335,11 +327,10 @@ class EasyEditEditor(Editor):
 
 # --- the editors ---------------------------------------------------------------------------------------
 
-class EasyEditRome(EasyEditEditor):
+class EasyEditRome(EasyEditEditor, hparams=EasyEditRomeHparams):
     """EasyEdit's ROME, one case after the other (its apply_rome_to_model takes one request)."""
 
-    HPARAMS = EasyEditRomeHparams
-    name, method, alg_name = "easyedit:rome", "rome", "ROME"
+    method, alg_name = "rome", "ROME"
     hparams_class = ("models.rome.rome_hparams", "ROMEHyperParams")
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
@@ -370,11 +361,10 @@ class EasyEditRome(EasyEditEditor):
         return self.outcome(before, cases)
 
 
-class EasyEditMemit(EasyEditEditor):
+class EasyEditMemit(EasyEditEditor, hparams=EasyEditMemitHparams):
     """EasyEdit's MEMIT, the whole batch in one update."""
 
-    HPARAMS = EasyEditMemitHparams
-    name, method, alg_name = "easyedit:memit", "memit", "MEMIT"
+    method, alg_name = "memit", "MEMIT"
     batched = True
     native_length_params = [[10, 5]]
     hparams_class = ("models.memit.memit_hparams", "MEMITHyperParams")
@@ -407,15 +397,14 @@ class EasyEditMemit(EasyEditEditor):
         return self.outcome(before, cases)
 
 
-class EasyEditFt(EasyEditEditor):
+class EasyEditFt(EasyEditEditor, hparams=EasyEditFtHparams):
     """EasyEdit's FT (constrained fine-tuning, FT-L): all cases of the batch fitted together.
 
     It matches parameters by substring: with the default template the MLP output projection's bias is
     fine-tuned too (GPT-2), so it is backed up as well.
     """
 
-    HPARAMS = EasyEditFtHparams
-    name, method, alg_name = "easyedit:ft", "ft", "FT"
+    method, alg_name = "ft", "FT"
     batched = True
     hparams_class = ("models.ft.ft_hparams", "FTHyperParams")
 
@@ -434,11 +423,10 @@ class EasyEditFt(EasyEditEditor):
         return self.outcome(before, cases)
 
 
-class EasyEditKn(EasyEditEditor):
+class EasyEditKn(EasyEditEditor, hparams=EasyEditKnHparams):
     """EasyEdit's Knowledge Neurons: attribution on the rewrite prompt, then the value-slot edit."""
 
-    HPARAMS = EasyEditKnHparams
-    name, method, alg_name = "easyedit:kn", "kn", "KN"
+    method, alg_name = "kn", "KN"
     hparams_class = ("models.kn.kn_hparams", "KNHyperParams")
     MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}
 

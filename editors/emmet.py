@@ -44,12 +44,10 @@ class EmmetHparams(MemitHparams):
     emmet_lambda: float = setting(0.1, minimum=0.0, doc="ε added to D = KᵀC'⁻¹K for batches of more than one")
 
 
-class Emmet(Memit):
+class Emmet(Memit, hparams=EmmetHparams):
     """EMMET (Gupta et al. 2024): batched ROME, the batch as equality constraints, over MEMIT's layers."""
 
-    name = "emmet"
     batched = True
-    HPARAMS = EmmetHparams
     hp: EmmetHparams
 
     def layer_update(self, index: int, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,7 @@ def finetune(model: torch.nn.Module, weights: list[torch.Tensor], batches: list[
 
 @dataclass(frozen=True)
 class FineTuneHparams(Hparams):
-    layers: list[int] = setting([], layer=True, doc="the layers whose MLP output projection is fine-tuned")
+    layers: list[int] = setting([], layer=True, required=True, doc="the layers whose MLP output projection is tuned")
     num_steps: int = setting(25, minimum=1, unit="epochs over the cases")
     lr: float = setting(5e-4, minimum=0.0, unit="Adam learning rate")
     weight_decay: float = setting(0.0, minimum=0.0, unit="Adam weight decay")
@@ -125,15 +125,17 @@ class FineTuneHparams(Hparams):
 @dataclass(frozen=True)
 class FineTuneLHparams(FineTuneHparams):
     editor = "ft-l"
-    objective_optimization: str = setting("prompt_last", doc="FT-L's loss: every target token at the last prompt token")
-    kl_factor: float = setting(0.0, doc="read by ROME's ft_main.py but never applied; must be 0")
+    objective_optimization: str = setting("prompt_last", choices=("prompt_last",),
+                                          doc="every target token at the last prompt token (teacher-forced: ft-m)")
+    kl_factor: float = setting(0.0, minimum=0.0, maximum=0.0, doc="read by ROME's ft_main.py but never applied")
 
 
 @dataclass(frozen=True)
 class FineTuneMHparams(FineTuneHparams):
     editor = "ft-m"
     batch_size: int = setting(1, minimum=1, unit="cases per optimiser step")
-    objective_optimization: str = setting("target_new", doc="FT-M's loss: teacher-forced target tokens")
+    objective_optimization: str = setting("target_new", choices=("target_new",),
+                                          doc="teacher-forced target tokens (last prompt token: ft-l)")
 
 
 class FineTuneBase(Editor):
@@ -174,20 +176,9 @@ class FineTuneBase(Editor):
         return EditOutcome(layers=list(self.layers), stats=stats)
 
 
-class FineTuneL(FineTuneBase):
+class FineTuneL(FineTuneBase, hparams=FineTuneLHparams):
     """FT-L (ROME's baseline): MLP output projection fine-tuned, every target token from the last prompt token."""
 
-    name = "ft-l"
     batched = True
     loss_fn = staticmethod(prompt_last_nll)
-    HPARAMS = FineTuneLHparams
     hp: FineTuneLHparams
-
-    def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
-        super().__init__(bundle, hparams)
-        objective = self.hp.objective_optimization
-        if objective != "prompt_last":
-            raise EditorError(f"ft-l: objective_optimization must be 'prompt_last' (FT-L); got {objective!r}; "
-                              f"the teacher-forced objective is ft-m")
-        if self.hp.kl_factor != 0:
-            raise EditorError("ft-l: kl_factor must be 0 (ROME's ft_main.py reads but never applies it)")

@@ -28,25 +28,11 @@ Differences from EasyEdit, deliberate:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from editors.base import EditorError
 from editors.ft import FineTuneBase, FineTuneMHparams, target_nll
 
-if TYPE_CHECKING:
-    from lmview.models import ModelBundle
 
-
-class FineTuneM(FineTuneBase):
+class FineTuneM(FineTuneBase, hparams=FineTuneMHparams):
     """FT-M (EasyEdit): fine-tune one MLP output projection, loss on the target tokens only."""
 
-    name = "ft-m"
     loss_fn = staticmethod(target_nll)
-    HPARAMS = FineTuneMHparams
     hp: FineTuneMHparams
-
-    def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
-        super().__init__(bundle, hparams)
-        objective = self.hp.objective_optimization
-        if objective != "target_new":
-            raise EditorError(f"ft-m: objective_optimization must be 'target_new' (FT-M); got {objective!r}")

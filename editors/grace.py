@@ -106,7 +106,8 @@ def original_module(module: torch.nn.Module) -> torch.nn.Module:
 @dataclass(frozen=True)
 class GraceHparams(Hparams):
     editor = "grace"
-    layers: list[int] = setting([], layer=True, doc="the one layer whose MLP output the codebook adapts")
+    layers: list[int] = setting([], layer=True, length=1, required=True,
+                                doc="the one layer whose MLP output the codebook adapts")
     replacement: str = setting("replace_last", choices=("replace_last",), doc="which positions a hit replaces")
     val_init: str = setting("warm", choices=("warm", "cold"), doc="a new value starts as the layer's output, or random")
     eps: float = setting(1.0, minimum=0.0, unit="key-space distance", doc="a new entry's deferral radius (> 0)")
@@ -117,17 +118,13 @@ class GraceHparams(Hparams):
     seed: int = setting(0, doc="seeds a cold value")
 
 
-class Grace(Editor):
+class Grace(Editor, hparams=GraceHparams):
     """GRACE (Hartvigsen et al. 2023): key-value codebook with deferral radii at one MLP; no weight change."""
 
-    name = "grace"
-    HPARAMS = GraceHparams
     hp: GraceHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        if len(self.hp.layers) != 1:
-            raise EditorError(f"grace adapts exactly one layer; got layers={self.hp.layers}")
         if self.hp.eps <= 0:
             raise EditorError("grace: eps must be positive")
         self.layer = self.hp.layers[0]

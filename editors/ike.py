@@ -132,11 +132,9 @@ class IkeHparams(Hparams):
     retrieval: str = setting("tfidf", choices=RETRIEVALS, doc="how demonstrations are ranked")
 
 
-class InContextEditor(Editor):
+class InContextEditor(Editor, hparams=IkeHparams):
     """IKE (Zheng et al. 2023): k retrieved demonstrations of other facts before every prompt; no weight change."""
 
-    name = "ike"
-    HPARAMS = IkeHparams
     hp: IkeHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):

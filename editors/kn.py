@@ -94,11 +94,9 @@ class KnHparams(Hparams):
     refine: bool = setting(True, doc="attribute over the rewrite prompt and its paraphrases; false: the prompt alone")
 
 
-class KnowledgeNeurons(Editor):
+class KnowledgeNeurons(Editor, hparams=KnHparams):
     """Knowledge Neurons (Dai et al. 2022): IG attribution to MLP neurons, then their value slots edited."""
 
-    name = "kn"
-    HPARAMS = KnHparams
     hp: KnHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):

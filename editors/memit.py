@@ -76,12 +76,10 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, c: torch.Tensor, weigh
     return r @ adj.T
 
 
-class Memit(Editor):
+class Memit(Editor, hparams=MemitHparams):
     """MEMIT (Meng et al. 2023): residual target spread over `layers`, batched least squares per layer."""
 
-    name = "memit"
     batched = True
-    HPARAMS = MemitHparams
     hp: MemitHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):

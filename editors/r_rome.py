@@ -30,11 +30,9 @@ class RRomeHparams(RomeHparams):
     enable_random_prefix_keys: bool = setting(True, doc="r-ROME's update; false: the original ROME update")
 
 
-class RRome(Rome):
+class RRome(Rome, hparams=RRomeHparams):
     """r-ROME (Gupta et al. 2024): ROME with the same k* in the update's numerator and denominator."""
 
-    name = "r-rome"
-    HPARAMS = RRomeHparams
     hp: RRomeHparams
 
     def update(self, w: torch.Tensor, c: torch.Tensor | None, key_rows: torch.Tensor,

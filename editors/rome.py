@@ -46,8 +46,9 @@ from editors._locate import (  # noqa: F401  (fill_subject, subject_last_index: 
     subject_last_index,
     subject_rows,
 )
-from editors.base import EditOutcome, Editor, EditorError
+from editors.base import EditOutcome, Editor
 from editors.keystats import second_moment
+from editors.settings import setting
 
 if TYPE_CHECKING:
     from lmview.case import EditCase
@@ -90,19 +91,17 @@ def rank_one_update(w: torch.Tensor, c: torch.Tensor | None, key: torch.Tensor,
 @dataclass(frozen=True)
 class RomeHparams(LocateHparams):
     editor = "rome"
+    layers: list[int] = setting([], layer=True, length=1, required=True,
+                                doc="the one layer whose MLP output projection is rewritten")
 
 
-class Rome(Editor):
+class Rome(Editor, hparams=RomeHparams):
     """ROME (Meng et al. 2022) as published: k* over context prefixes, the bare prompt's key in the denominator."""
 
-    name = "rome"
-    HPARAMS = RomeHparams
     hp: RomeHparams
 
     def __init__(self, bundle: ModelBundle, hparams: dict[str, Any]):
         super().__init__(bundle, hparams)
-        if len(self.hp.layers) != 1:
-            raise EditorError(f"{self.name} edits exactly one layer; got layers={self.hp.layers}")
         check_loss_layer(self.name, bundle, self.hp)
         self.layer = self.hp.layers[0]
         record_key_sample(self.hparams, self.hp)

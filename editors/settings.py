@@ -28,11 +28,12 @@ class HparamsError(EditorError):
 
 
 def setting(default: Any, *, unit: str = "", minimum: float | None = None, maximum: float | None = None,
-            choices: tuple[Any, ...] = (), layer: bool = False, required: bool = False, doc: str = "") -> Any:
+            choices: tuple[Any, ...] = (), layer: bool = False, length: int | None = None, required: bool = False,
+            doc: str = "") -> Any:
     """A dataclass field with its metadata: `layer` values must also be below the model's layer count,
-    `minimum`/`maximum` bound numbers (each element of a list) inclusively, and a `required` key must be given
-    (its default only fills the dataclass)."""
-    meta = dict(unit=unit, minimum=minimum, maximum=maximum, choices=tuple(choices), layer=layer,
+    `minimum`/`maximum` bound numbers (each element of a list) inclusively, a list with a `length` has exactly
+    that many items, and a `required` key must be given (its default only fills the dataclass)."""
+    meta = dict(unit=unit, minimum=minimum, maximum=maximum, choices=tuple(choices), layer=layer, length=length,
                 required=required, doc=doc)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -86,6 +87,9 @@ def _checked(source: str, key: str, value: Any, hint: Any, meta: Mapping[str, An
     ok, typed = _typed(value, hint)
     if not ok:
         raise HparamsError(f"{where}: expected {_type_name(hint)}, got {value!r}")
+    length = meta.get("length")
+    if length is not None and isinstance(typed, list) and len(typed) != length:
+        raise HparamsError(f"{where}: expected exactly {length} item{'s' * (length != 1)}, got {len(typed)}")
     choices = meta.get("choices") or ()
     if choices and typed not in choices:
         raise HparamsError(f"{where}: {typed!r} is not one of {', '.join(map(repr, choices))}")

@@ -101,14 +101,16 @@ def test_a_required_key_and_optional_values():
 
 
 def test_defaults_are_declared_once_per_editor():
-    """Every editor's dataclass builds with no file at all, except for declared required keys, and the
-    subclasses override exactly the defaults their method changes."""
+    """Every editor's dataclass builds with no file at all; a file must name the edited layers (except KN's
+    every-layer default and IKE), and AlphaEdit's threshold; subclasses override the defaults their method
+    changes."""
     from editors.base import registry
 
     for name, cls in registry().items():
         fields = {f.name: f for f in dataclasses.fields(cls.HPARAMS)}
         required = {k for k, f in fields.items() if f.metadata.get("required")}
-        assert required <= {"nullspace_threshold"}, name
+        assert required <= {"nullspace_threshold", "layers"}, name
+        assert ("layers" in required) == (name not in ("kn", "ike", "easyedit:kn")), name
     memit, emmet, rome = (get_editor(n).HPARAMS() for n in ("memit", "emmet", "rome"))
     assert (memit.mom2_update_weight, emmet.mom2_update_weight) == (15000.0, 1.0)  # MEMIT's λ; EMMET's unscaled C
     assert (rome.context_template_length_params, memit.context_template_length_params) == ([[5, 10], [10, 10]],
