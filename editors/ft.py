@@ -126,7 +126,7 @@ class FineTuneHparams(Hparams):
 class FineTuneLHparams(FineTuneHparams):
     editor = "ft-l"
     objective_optimization: str = setting("prompt_last", choices=("prompt_last",),
-                                          doc="every target token at the last prompt token (teacher-forced: ft-m)")
+                                          doc="every target token at the last prompt token; teacher-forced: ft-m")
     kl_factor: float = setting(0.0, minimum=0.0, maximum=0.0, doc="read by ROME's ft_main.py but never applied")
 
 
@@ -135,7 +135,7 @@ class FineTuneMHparams(FineTuneHparams):
     editor = "ft-m"
     batch_size: int = setting(1, minimum=1, unit="cases per optimiser step")
     objective_optimization: str = setting("target_new", choices=("target_new",),
-                                          doc="teacher-forced target tokens (last prompt token: ft-l)")
+                                          doc="teacher-forced target tokens; at the last prompt token: ft-l")
 
 
 class FineTuneBase(Editor):

@@ -92,7 +92,8 @@ def _checked(source: str, key: str, value: Any, hint: Any, meta: Mapping[str, An
         raise HparamsError(f"{where}: expected exactly {length} item{'s' * (length != 1)}, got {len(typed)}")
     choices = meta.get("choices") or ()
     if choices and typed not in choices:
-        raise HparamsError(f"{where}: {typed!r} is not one of {', '.join(map(repr, choices))}")
+        about = f" ({meta['doc']})" if meta.get("doc") else ""
+        raise HparamsError(f"{where}: {typed!r} is not one of {', '.join(map(repr, choices))}{about}")
     for number in _numbers(typed):
         low, high = meta.get("minimum"), meta.get("maximum")
         if meta.get("layer") and n_layers is not None:

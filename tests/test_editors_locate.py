@@ -413,7 +413,7 @@ def test_early_stop_threshold(models, name: str) -> None:
     _, stopped = optimise_shift(fwd, LocateHparams(**base, v_early_stop_loss=1e9), fwd.values[0])
     assert float(full["v_steps"]) == 5 and float(stopped["v_steps"]) == 0
     with pytest.raises(EditorError, match="v_num_grad_steps"):
-        LocateHparams.from_mapping({**base, "v_num_grad_steps": 0})
+        LocateHparams.from_mapping({**base, "layers": [1], "v_num_grad_steps": 0})
 
 
 # --- emmet's epsilon, alphaedit's memory after a rollback ---------------------------------

@@ -61,7 +61,7 @@ def test_run_rejects_a_layer_beyond_the_model(tmp_path, capsys):
 # --- the checks themselves ----------------------------------------------------------------------------
 
 def _rome(**values):
-    return get_editor("rome").HPARAMS.from_mapping(values, "f.yaml", n_layers=30)
+    return get_editor("rome").HPARAMS.from_mapping({"layers": [7], **values}, "f.yaml", n_layers=30)
 
 
 def test_types_are_checked_per_annotation():
@@ -77,13 +77,19 @@ def test_types_are_checked_per_annotation():
 def test_ranges_choices_and_layers():
     with pytest.raises(HparamsError, match="key 'v_num_grad_steps': 0 must be at least 1"):
         _rome(v_num_grad_steps=0)
-    with pytest.raises(HparamsError, match="key 'fact_token': 'last' is not one of 'subject_last'"):
+    with pytest.raises(HparamsError, match="key 'fact_token': 'last' is not one of 'subject_last' \\(δ's position"):
         _rome(fact_token="last")
     with pytest.raises(HparamsError, match="key 'v_loss_layer': layer 30 is outside the model's layers -1..29"):
         _rome(v_loss_layer=30)
     assert _rome(v_loss_layer=-1, layers=[0]).layers == [0] and _rome(layers=[29]).layers == [29]
     with pytest.raises(HparamsError, match="key 'layers': layer -1 is outside the model's layers 0..29"):
         _rome(layers=[-1])
+    with pytest.raises(HparamsError, match="key 'layers': expected exactly 1 item, got 2"):
+        _rome(layers=[3, 4])  # ROME edits one layer
+    with pytest.raises(HparamsError, match="^f.yaml: missing key 'layers' for rome$"):
+        get_editor("rome").HPARAMS.from_mapping({}, "f.yaml")
+    with pytest.raises(HparamsError, match="key 'objective_optimization': 'target_new' is not one of 'prompt_last'"):
+        get_editor("ft-l").HPARAMS.from_mapping({"layers": [0], "objective_optimization": "target_new"}, "f.yaml")
     # without the model, only the lower bound is known
     assert get_editor("rome").HPARAMS.from_mapping({"layers": [99]}, "f.yaml").layers == [99]
 
@@ -94,10 +100,10 @@ def test_a_required_key_and_optional_values():
     kn = get_editor("kn").HPARAMS.from_mapping({"layers": None, "batch_size": None}, "f.yaml", n_layers=4)
     assert kn.layers is None and kn.batch_size is None
     ft = get_editor("ft-l").HPARAMS
-    assert ft.from_mapping({"norm_constraint": False}, "f").norm_constraint is False
-    assert ft.from_mapping({"norm_constraint": 5e-4}, "f").norm_constraint == 5e-4
+    assert ft.from_mapping({"layers": [0], "norm_constraint": False}, "f").norm_constraint is False
+    assert ft.from_mapping({"layers": [0], "norm_constraint": 5e-4}, "f").norm_constraint == 5e-4
     with pytest.raises(HparamsError, match="expected a number or a boolean or null, got 'x'"):
-        ft.from_mapping({"norm_constraint": "x"}, "f")
+        ft.from_mapping({"layers": [0], "norm_constraint": "x"}, "f")
 
 
 def test_defaults_are_declared_once_per_editor():
