@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.corrupt import CorruptionPool, answer_check, prompt_pairs, prompt_sets  # noqa: E402
 from bench.data import load_dataset  # noqa: E402
-from bench.models import load_model  # noqa: E402
 from circuits.attribute import attribute  # noqa: E402
 from circuits.curve import reported_faithfulness  # noqa: E402
 from circuits.evaluate import circuit_metrics  # noqa: E402
 from circuits.graph import Graph  # noqa: E402
 from circuits.selection import prune, top_edges  # noqa: E402
+from lmview.models import load_model  # noqa: E402
 
 
 def first_case_per_relation(cases):
