@@ -87,7 +87,7 @@ def test_cli_bad_names_exit_2_with_valid_names(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown editor 'nope'") and "rome" in err and "Traceback" not in err
     assert main(["run", "--editor", "rome", "--dataset", "no-such-data"]) == 2
-    assert "valid names" in capsys.readouterr().err
+    assert "unknown dataset 'no-such-data'; valid: counterfact, facts" in capsys.readouterr().err
     assert main(["run", "--editor", "rome", "--model", "./no/such/dir"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
