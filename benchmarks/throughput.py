@@ -87,7 +87,7 @@ def scoring_full_against_target_positions(bundle: Any, cases: list) -> dict[str,
     """case_target_nll's batch scored from HF's full logits and from the target positions only
     (bench.scoring.target_token_logprobs): process CPU seconds of each, and whether they agree bitwise."""
     from bench.scoring import case_prompts, target_token_logprobs
-    from bench.tokens import build_batch, target_token_logprobs_from_logits
+    from lmview.tokens import build_batch, target_token_logprobs_from_logits
 
     cpu_full = cpu_targets = 0.0
     equal, worst = 0, 0.0
