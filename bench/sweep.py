@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import socket
+import signal
 import tempfile
 import time
 from collections import deque
@@ -162,8 +163,11 @@ def start_ray(address: str | None, timeout_s: float) -> None:
     while True:
         attempts += 1
         try:
+            on_sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                      runtime_env={"env_vars": env})
+            # Ray's own SIGTERM handler exits at once; the caller's stops the run as interrupted instead
+            signal.signal(signal.SIGTERM, on_sigterm)
             return
         except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions on a failed start
             ray.shutdown()

@@ -164,6 +164,30 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(tmp_path, cache,
     assert len(rows) == n and rows == untimed(serial / "cases.jsonl")
 
 
+def test_ray_start_keeps_the_callers_sigterm_handler(monkeypatch):
+    """ray.init installs a SIGTERM handler that exits at once (status "failed", SystemExit); after the start
+    the caller's handler (the CLI's: stop as "interrupted", exit 143) must be the one in place again."""
+    import bench.sweep as sweep
+
+    class FakeRay:
+        def init(self, **kwargs):
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
+
+        def shutdown(self):
+            pass
+
+    def callers_handler(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "import_ray", lambda: FakeRay())
+    saved = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        sweep.start_ray(None, timeout_s=1)
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
 @requires_ray
 def test_an_address_where_nothing_listens_is_one_error_line(tmp_path, capsys):
     with socket.socket() as probe:  # a port that was free a moment ago
