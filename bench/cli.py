@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 # (smallest, largest) allowed value of every numeric option, by its dest; None: unbounded
 NUMERIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "n": (1, None), "seed": (0, 2**32 - 1), "top_n": (1, None), "batch_size": (1, None), "eval_every": (1, None),
-    "ppl_texts": (0, None), "known_top_k": (0, None), "validation_fraction": (0.0, 1.0),
+    "eval_sample": (0, None), "ppl_texts": (0, None), "known_top_k": (0, None), "validation_fraction": (0.0, 1.0),
     "max_validation": (1, None), "max_test": (1, None), "random_draws": (1, None), "samples": (1, None),
     "window": (1, None), "noise_texts": (1, None), "shots": (0, None), "workers": (1, None),
     "workers_per_gpu": (1, None), "threads_per_worker": (1, None), "start_timeout": (1, None),
@@ -97,6 +97,9 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
                      help="edits accumulate over the run (no restore between cases); writes sequential.jsonl")
     run.add_argument("--eval-every", type=int, default=None,
                      help="with --sequential: re-score all edits so far after every k edits (default 5)")
+    run.add_argument("--eval-sample", type=int, default=0,
+                     help="with --sequential: each curve point re-scores a fixed seeded sample of K cases, those "
+                          "of them edited so far (default 0: every case so far)")
     run.add_argument("--ppl-texts", type=int, default=8,
                      help="held-out Wikipedia texts for the per-case ppl_pre/ppl_post (0: off; default 8)")
 
@@ -116,7 +119,7 @@ def _list_arguments(lister: argparse.ArgumentParser) -> None:
 
 RUN_DEFAULTS = {"model": DEFAULT_MODEL, "dataset": "facts", "n": None, "seed": 0, "device": "auto",
                 "dtype": "float32", "hparams": None, "top_n": None, "batch_size": 1, "eval_every": None,
-                "ppl_texts": 8, "graph": "ungrouped", "ablation": "corrupted", "metric": "logprob"}
+                "eval_sample": 0, "ppl_texts": 8, "graph": "ungrouped", "ablation": "corrupted", "metric": "logprob"}
 
 
 def _run_config(args: argparse.Namespace):
@@ -127,11 +130,14 @@ def _run_config(args: argparse.Namespace):
         raise ValueError("run needs --editor NAME (or --resume RUN_DIR)")
     if args.eval_every is not None and not args.sequential:
         raise ValueError("--eval-every needs --sequential")
+    if args.eval_sample and not args.sequential:
+        raise ValueError("--eval-sample needs --sequential")
     return RunConfig(editor=args.editor, model=args.model, dataset=args.dataset, n=args.n, seed=args.seed,
                      device=args.device, dtype=args.dtype, output=args.output, hparams=args.hparams,
                      circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=args.known_only,
                      batch_size=args.batch_size, sequential=args.sequential, relation_circuits=args.relation_circuits,
-                     eval_every=5 if args.eval_every is None else args.eval_every, ppl_texts=args.ppl_texts,
+                     eval_every=5 if args.eval_every is None else args.eval_every, eval_sample=args.eval_sample,
+                     ppl_texts=args.ppl_texts,
                      graph=args.graph, ablation=args.ablation, metric=args.metric, save_scores=args.save_scores)
 
 

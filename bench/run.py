@@ -87,6 +87,7 @@ class RunConfig:
     batch_size: int = 1  # cases per apply (batched editors) or per restore (the others)
     sequential: bool = False  # edits accumulate over the run; restored once at the end
     eval_every: int = 5  # sequential: a curve point after every eval_every edits
+    eval_sample: int = 0  # sequential: each curve point re-scores this fixed seeded sample of the cases (0: all)
     ppl_texts: int = 8  # held-out Wikipedia texts for per-case ppl_pre/ppl_post (0: off)
     curve_ppl_texts: int = 32  # held-out Wikipedia texts for each sequential curve point
 
@@ -462,17 +463,26 @@ def weight_norms(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> 
     return sorted(rows, key=lambda r: (r["layer"] is None, r["layer"] or 0, r["tensor"]))
 
 
+def curve_sample(cases: list[EditCase], size: int, seed: int) -> frozenset[str] | None:
+    """The case ids a curve point re-scores: `size` of the run's cases drawn once with the seed (every point
+    scores those of them edited so far), or None (size 0, or not fewer than the cases) for every case."""
+    if size <= 0 or size >= len(cases):
+        return None
+    return frozenset(c.case_id for c in random.Random(seed).sample(cases, size))
+
+
 @torch.no_grad()
 def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, bool]],
                 texts: tuple[str, ...] | None, started: float, originals: dict[str, torch.Tensor] | None = None,
-                ppl_base: float | None = None) -> dict[str, Any]:
-    """Re-scores every case so far on the current weights: efficacy, paraphrase and magnitude over the
-    cases whose edit is in the model, neighbourhood over all cases so far; plus held-out perplexity, its
-    ratio to the unedited model's (ppl_base), the collapse flag (COLLAPSE_CRITERION) and the norms of the
-    weights edited so far."""
+                ppl_base: float | None = None, sample: frozenset[str] | None = None) -> dict[str, Any]:
+    """Re-scores the cases so far (those in `sample`, when given) on the current weights: efficacy,
+    paraphrase and magnitude over the cases whose edit is in the model, neighbourhood over all of them; plus
+    held-out perplexity, its ratio to the unedited model's (ppl_base), the collapse flag (COLLAPSE_CRITERION)
+    and the norms of the weights edited so far."""
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
+    scored = [(case, ok) for case, ok in seen if sample is None or case.case_id in sample]
     scores = [(counterfact_scores(case_target_nll(model, tok, editor.evaluation_case(case), dev)), ok)
-              for case, ok in seen]
+              for case, ok in scored]
     kept = [s for s, ok in scores if ok]
 
     def mean(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -480,7 +490,7 @@ def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, 
         return sum(values) / len(values) if values else None
 
     point: dict[str, Any] = {
-        "n_edits": len(kept), "n_cases": len(seen),
+        "n_edits": sum(ok for _, ok in seen), "n_cases": len(seen), "n_scored": len(scored),
         "efficacy": mean(kept, "efficacy_score"), "paraphrase": mean(kept, "paraphrase_score"),
         "neighborhood": mean([s for s, _ in scores], "neighborhood_score"),
         "efficacy_magnitude": mean(kept, "efficacy_magnitude"),
@@ -513,12 +523,13 @@ def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], p
     state = resume_sequential(writer.dir, bundle.model, editor, {c.case_id: c for c in cases})
     originals.update(state.originals)
     seen, points, first_batch = state.seen, state.points, state.batches_done
+    sample = curve_sample(cases, cfg.eval_sample, cfg.seed)
     if not points:
         points.append(curve_point(bundle, editor, seen, texts, started))
         append_jsonl(curve_path, points[-1])
 
     def add_point() -> None:
-        points.append(curve_point(bundle, editor, seen, texts, started, originals, points[0]["ppl"]))
+        points.append(curve_point(bundle, editor, seen, texts, started, originals, points[0]["ppl"], sample))
         append_jsonl(curve_path, points[-1])
         if points[-1]["collapsed"] and not any(p.get("collapsed") for p in points[:-1]):
             log.warning("sequential: the model collapsed after %d edits: held-out perplexity %s, %.1fx the "
@@ -562,6 +573,8 @@ def check_modes(cfg: RunConfig) -> None:
         raise ValueError(f"--batch-size must be at least 1; got {cfg.batch_size}")
     if cfg.eval_every < 1:
         raise ValueError(f"--eval-every must be at least 1; got {cfg.eval_every}")
+    if cfg.eval_sample < 0:
+        raise ValueError(f"--eval-sample cannot be negative; got {cfg.eval_sample}")
     if cfg.ppl_texts < 0 or cfg.curve_ppl_texts < 0:
         raise ValueError("perplexity text counts cannot be negative")
 
@@ -570,7 +583,8 @@ def mode_manifest(cfg: RunConfig) -> dict[str, Any]:
     mode: dict[str, Any] = {"name": "sequential" if cfg.sequential else ("batch" if cfg.batch_size > 1 else "single"),
                             "batch_size": cfg.batch_size}
     if cfg.sequential:
-        mode.update(eval_every=cfg.eval_every, curve_ppl_texts=cfg.curve_ppl_texts, restore="once, at the end")
+        mode.update(eval_every=cfg.eval_every, eval_sample=cfg.eval_sample or "every case so far",
+                    curve_ppl_texts=cfg.curve_ppl_texts, restore="once, at the end")
     else:
         mode.update(ppl_texts=cfg.ppl_texts, restore="after every batch")
     return mode

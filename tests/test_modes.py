@@ -224,6 +224,32 @@ def test_sequential_curve_points_and_bitwise_restore(tiny_model, tmp_path, monke
     assert point["ppl"] == pytest.approx(ppl_two, rel=1e-6) and point["ppl"] != points[0]["ppl"]
 
 
+def test_sequential_curve_re_scores_only_the_fixed_sample(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.run, "heldout_for_ppl", lambda n: None)
+    editor = ft_editor(tiny_model)
+    cases = facts(6)
+    sample = bench.run.curve_sample(cases, 3, seed=7)
+    assert len(sample) == 3 and sample == bench.run.curve_sample(cases, 3, seed=7) <= {c.case_id for c in cases}
+    assert bench.run.curve_sample(cases, 0, 7) is None and bench.run.curve_sample(cases, 6, 7) is None
+    cfg = RunConfig(editor="ft-l", circuits=False, sequential=True, eval_every=4, eval_sample=3, seed=7)
+    points = run_sequential(tiny_model, editor, cases, ["France"], cfg, RunWriter(tmp_path / "run", {}))
+    assert [(p["n_edits"], p["n_cases"]) for p in points] == [(0, 0), (4, 4), (6, 6)]
+    first_four = [c for c in cases[:4] if c.case_id in sample]
+    assert points[1]["n_scored"] == len(first_four) and points[2]["n_scored"] == 3
+
+    # independent recomputation of the last point: all six edits applied by hand, the sampled cases scored
+    model, tok, dev = tiny_model.model, tiny_model.tokenizer, tiny_model.device
+    original = weights(tiny_model, editor.parameters_to_touch(cases))
+    try:
+        for case in cases:
+            editor.apply([case])
+        scores = [counterfact_scores(case_target_nll(model, tok, c, dev)) for c in cases if c.case_id in sample]
+    finally:
+        restore(model, original)
+    for key, field in (("efficacy", "efficacy_score"), ("neighborhood", "neighborhood_score")):
+        assert points[2][key] == pytest.approx(sum(s[field] for s in scores) / 3, rel=1e-5, abs=1e-9), key
+
+
 def blowup_noise(weight: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)).to(weight)
 
