@@ -77,7 +77,7 @@ NATIVE = {  # name -> where its class lives
     "rome": "editors.rome:Rome", "r-rome": "editors.r_rome:RRome", "memit": "editors.memit:Memit",
     "emmet": "editors.emmet:Emmet", "alphaedit": "editors.alphaedit:AlphaEdit", "ft-l": "editors.ft:FineTuneL",
     "ft-m": "editors.ft_m:FineTuneM", "grace": "editors.grace:Grace", "kn": "editors.kn:KnowledgeNeurons",
-    "ike": "editors.ike:InContextEditor",
+    "ike": "editors.ike:InContextEditor", "wise": "editors.wise:Wise",
 }
 # the EasyEdit reference editors (editors/easyedit.py): optional, with what each needs beyond the harness
 EASYEDIT_INSTALL = "pip install --no-deps easyeditor==0.0.1.dev0 && pip install -e '.[easyedit]'"
