@@ -363,11 +363,7 @@ class Wise(Editor, hparams=WiseHparams):
         """The n_iter masked SGD steps on the shard; returns the losses and the edit's in-scope score."""
         mem, hp = self.memories, self.hp
         assert mem is not None and mem.mask is not None
-        self._editing = True
-        try:
-            upper = UpperForward(self.bundle, self.layer, batch)
-        finally:
-            self._editing = False
+        upper = UpperForward(self.bundle, self.layer, batch)
         alpha, beta, gamma = (float(x) for x in hp.act_margin)
         shard = mem.shard.clone().requires_grad_(True)
         opt = torch.optim.SGD([shard], lr=float(hp.edit_lr), weight_decay=float(hp.weight_decay))
@@ -406,7 +402,11 @@ class Wise(Editor, hparams=WiseHparams):
         if mem.n_edits % self.hp.save_freq == 0:
             mem.mask = gradient_mask(mem.main.shape, float(self.hp.mask_ratio), self.hp.seed,
                                      mem.n_edits // self.hp.save_freq).to(mem.main.device)
-        stats = self.train_shard(self.edit_batch(case), self.out_of_scope_acts(mem.n_edits))
+        self._editing = True  # the editor's own forward passes see the main memory only
+        try:
+            stats = self.train_shard(self.edit_batch(case), self.out_of_scope_acts(mem.n_edits))
+        finally:
+            self._editing = False
         mem.min_score = min(mem.min_score, stats["score_in_scope"])
         mem.n_edits += 1
         mem.shard_edits += 1
