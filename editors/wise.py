@@ -394,7 +394,10 @@ class Wise(Editor, hparams=WiseHparams):
             final_in = row_mean(activation_scores(upper.acts, mem.shard, mem.main), batch.attention_mask)
             final_out = activation_scores(outside, mem.shard, mem.main).mean()
             final_loss = target_nll_from_logits(upper.logits(upper.acts.float() @ (mem.shard - mem.main)), batch)
-        return {"loss_initial": first, "loss_edit_final": float(final_loss), "steps": float(steps), "score_in_scope": float(final_in.mean()), "score_out_of_scope": float(final_out)}
+            final_act = margin_loss(final_in, final_out.view(1), alpha, beta, gamma)
+        return {"loss_initial": first, "loss_edit_final": float(final_loss), "loss_act_final": float(final_act),
+                "steps": float(steps), "score_in_scope": float(final_in.mean()), "score_out_of_scope": float(final_out),
+                "shard_change_max": float((mem.shard - mem.main).abs().max())}
 
     def edit_one(self, case: EditCase) -> dict[str, float]:
         mem = self.memories
