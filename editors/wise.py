@@ -140,14 +140,17 @@ def ties_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[fl
 class WiseHparams(Hparams):
     editor = "wise"
     layers: list[int] = setting([], layer=True, length=1, required=True,
-                                doc="the layer whose MLP output projection gets the side memory (EasyEdit's inner_params)")
+                                doc="the layer whose MLP output projection gets the side memory "
+                                    "(EasyEdit's inner_params)")
     edit_lr: float = setting(1.0, minimum=0.0, unit="SGD learning rate")
     n_iter: int = setting(70, minimum=1, unit="SGD steps per edit")
     weight_decay: float = setting(1e-5, minimum=0.0, unit="SGD weight decay", doc="EasyEdit's, hard-coded there")
     mask_ratio: float = setting(0.2, minimum=0.0, maximum=1.0, doc="share of a shard's entries its edits may change")
-    norm_constraint: float | bool | None = setting(1.0, doc="L∞ radius of the shard around the main memory; false: none")
+    norm_constraint: float | bool | None = setting(1.0, doc="L∞ radius of the shard around the main memory; "
+                                                   "false: none")
     act_margin: list[float] = setting([5.0, 20.0, 10.0], length=3, minimum=0.0,
-                                      doc="α, β, γ of the routing margin loss (out-of-scope ceiling, in-scope floor, gap)")
+                                      doc="α, β, γ of the routing margin loss "
+                                          "(out-of-scope ceiling, in-scope floor, gap)")
     act_ratio: float = setting(0.88, minimum=0.0, doc="routing threshold = act_ratio × the smallest in-scope score")
     save_freq: int = setting(500, minimum=1, unit="edits", doc="edits per shard")
     merge_freq: int = setting(1000, minimum=1, unit="edits", doc="edits between merges (a multiple of save_freq)")
@@ -155,7 +158,8 @@ class WiseHparams(Hparams):
     densities: float = setting(0.53, minimum=0.0, maximum=1.0, doc="TIES: share of each task vector kept")
     weights: float = setting(1.0, minimum=0.0, doc="TIES: total weight of the shards at the first merge")
     retrieve: bool = setting(False, choices=(False,), doc="WISE-Retrieve (top-1 shard retrieval) is not implemented")
-    objective_optimization: str = setting("only_label", choices=("only_label",), doc="the loss covers target tokens only")
+    objective_optimization: str = setting("only_label", choices=("only_label",),
+                                          doc="the loss covers target tokens only")
     context_template_length_params: list[list[int]] = setting(
         [[5, 5], [10, 5]], minimum=0, doc="prefixes sampled from the model: [[tokens, count], ...]")
     out_of_scope_corpus: str = setting("wikipedia", doc="where x_i comes from: wikipedia, or a .txt/.json/.jsonl file")

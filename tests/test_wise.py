@@ -29,7 +29,8 @@ SUBJECTS = [("France", "Paris"), ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Chile
 
 def out_of_scope_corpus(folder: Path) -> str:
     path = folder / "x_i.txt"
-    path.write_text("\n\n".join(f"Old maps number {i} show rivers, hills and roads between small towns." for i in range(8)))
+    texts = [f"Old maps number {i} show rivers, hills and roads between small towns." for i in range(8)]
+    path.write_text("\n\n".join(texts))
     return str(path)
 
 
@@ -81,7 +82,8 @@ def test_activation_score_is_the_norm_of_the_memory_change_by_hand():
     # A·(M − M0): token 1 [1·1 + 2·1, 2·1] = [3, 2]; token 2 [1, 2 + 1] = [1, 3]
     scores = activation_scores(acts, side, main_m)
     assert torch.allclose(scores, torch.tensor([[math.sqrt(13), math.sqrt(10)]]))
-    assert torch.allclose(prefix_mean(scores, None), torch.tensor([[math.sqrt(13), (math.sqrt(13) + math.sqrt(10)) / 2]]))
+    running = (math.sqrt(13) + math.sqrt(10)) / 2
+    assert torch.allclose(prefix_mean(scores, None), torch.tensor([[math.sqrt(13), running]]))
     assert torch.allclose(prefix_mean(scores, torch.tensor([[1, 0]])), torch.tensor([[math.sqrt(13), math.sqrt(13)]]))
     assert torch.allclose(row_mean(scores, torch.tensor([[1, 0]])), torch.tensor([math.sqrt(13)]))
 
@@ -148,7 +150,8 @@ def test_upper_forward_equals_the_full_model_with_the_side_memory(name, tmp_path
     editor = wise_for(bundle, tmp_path)
     editor._install()
     batch = editor.edit_batch(a_case("France", "Paris", "London"))
-    side = editor.memories.main + 0.05 * torch.randn(editor.memories.main.shape, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(editor.memories.main.shape, generator=torch.Generator().manual_seed(1))
+    side = editor.memories.main + 0.05 * noise
     editor._editing = True
     upper = UpperForward(bundle, editor.layer, batch)
     fast = upper.logits(upper.acts.float() @ (side - editor.memories.main))
@@ -180,7 +183,8 @@ def test_an_edit_routes_its_prompt_to_the_side_memory_and_unrelated_prompts_to_t
     for i in range(batch.input_ids.shape[0]):
         real = batch.input_ids[i, : int(batch.attention_mask[i].sum())]
         acts = layer_acts(bundle, editor, real.tolist())
-        rows.append(sum(float(activation_scores(acts[0, t], mem.shard, mem.main)) for t in range(len(real))) / len(real))
+        per_token = [float(activation_scores(acts[0, t], mem.shard, mem.main)) for t in range(len(real))]
+        rows.append(sum(per_token) / len(real))
     assert mem.min_score == pytest.approx(sum(rows) / len(rows), rel=1e-4)
     assert editor.threshold() == pytest.approx(0.88 * mem.min_score)
     assert outcome.stats["threshold"] == pytest.approx(editor.threshold())
@@ -244,7 +248,8 @@ def test_a_later_merge_weighs_the_merged_memory_by_0_6(tmp_path):
     editor = wise_for(bundle, tmp_path, n_iter=3, save_freq=1, merge_freq=2)
     merging = []
     merge = editor.merge
-    editor.merge = lambda: merging.append(([m.clone() for m in editor.memories.saved], editor.memories.merged)) or merge()
+    editor.merge = lambda: merging.append(([m.clone() for m in editor.memories.saved],
+                                           editor.memories.merged)) or merge()
     editor.apply([a_case(s, t, "art", i) for i, (s, t) in enumerate(SUBJECTS)])
     (shards1, none), (shards2, merged1) = merging
     mem = editor.memories
