@@ -4,9 +4,9 @@ order, and the report folder."""
 
 from __future__ import annotations
 
-import json
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 
 from bench.lre import LRE_ROOT, Relation, load_relation
 from bench.relation_circuits import KC_SHUFFLE_SEED, Fact, answer_ranks, kc_template, relation_facts
+import lmview.io
 from lmview.case import DatasetError
 
 OUTPUT_ROOT = Path("analyses-out")
@@ -77,11 +78,15 @@ def command_line() -> str:
     return " ".join(["python -m bench", *sys.argv[1:]])
 
 
+def provenance_fields(bundle: Any, started: float, **fields: Any) -> dict[str, Any]:
+    """A report's closing fields: the command line, the model's provenance, `fields`, then the wall seconds
+    since `started` (a time.perf_counter() reading)."""
+    return {"command": command_line(), "model": bundle.provenance, **fields,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def write_json(folder: Path, name: str, data: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    return path
+    return lmview.io.write_json(folder / name, data, default=str)
 
 
 def output_folder(args: Any, command: str) -> Path:

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.data import load_dataset
 from bench.results import METRICS, git_commit, now
-from lmview.io import read_yaml_mapping
+from lmview.io import read_mapping, read_yaml_mapping
 from lmview.paths import REPO_ROOT
 
 log = logging.getLogger("bench")
@@ -222,12 +222,11 @@ def build_baseline(suite: Suite, summaries: dict[str, dict[str, Any]], dataset_s
 def load_baseline(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"editors": {}}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"baseline '{path}' is not valid JSON: {exc}")
-    if not isinstance(data, dict) or not isinstance(data.get("editors"), dict):
-        raise ValueError(f"baseline '{path}' has no 'editors' mapping")
+    no_editors = f"baseline '{path}' has no 'editors' mapping"
+    data = read_mapping(path, lambda reason: ValueError(f"baseline '{path}' is not valid JSON: {reason}"),
+                        lambda _: ValueError(no_editors))
+    if not isinstance(data.get("editors"), dict):
+        raise ValueError(no_editors)
     return data
 
 

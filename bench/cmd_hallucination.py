@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cmd_heads import add_common_arguments
+from bench.plotting import pyplot, save_figure
 
 NAME = "hallucination"
 HELP = "facts the model gets wrong: where the right answer is lost (logit lens, DLA) and wrong vs right circuits"
@@ -56,7 +57,7 @@ def wrong_facts(bundle, relations: list[tuple[str, Path]], n: int, scan: int, an
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.analyses import command_line, output_folder, pick_relations, write_json
+    from bench.analyses import output_folder, pick_relations, provenance_fields, write_json
     from bench.hallucination import hallucination_report
     from bench.lre import LRE_ROOT
     from lmview.models import load_model
@@ -71,10 +72,9 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"the model gets no fact wrong in the scanned prompts of {', '.join(scanned)}")
     log.info("hallucination: %d facts the model gets wrong", len(facts))
     report = hallucination_report(bundle, facts, args.top_n or None)
-    report.update(command=command_line(), model=bundle.provenance, scanned=scanned,
-                  criterion="top-1 token ≠ the object's first token" + (
-                      "" if args.any_wrong else ", and it is the first token of another object of the relation"),
-                  seconds=round(time.perf_counter() - started, 1))
+    criterion = "top-1 token ≠ the object's first token" + (
+        "" if args.any_wrong else ", and it is the first token of another object of the relation")
+    report.update(provenance_fields(bundle, started, scanned=scanned, criterion=criterion))
     out = output_folder(args, NAME)
     write_json(out, "hallucination.json", report)
     plot(report, bundle.arch.n_layers, out / "hallucination.png", bundle.name)
@@ -86,14 +86,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def plot(report: dict[str, Any], n_layers: int, path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = report["components"]
     xs = [i / 2 for i in range(len(names))]  # a<l> at l, m<l> at l + 0.5
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 3.8))
     axes[0].plot(xs, report["mean_log10_rank_right"], label="right answer", color="#4C72B0")
     axes[0].plot(xs, report["mean_log10_rank_wrong"], label="model's wrong answer", color="#C44E52")
     axes[0].set_xlabel("layer (after attention: l, after MLP: l + 0.5)")
@@ -113,7 +108,4 @@ def plot(report: dict[str, Any], n_layers: int, path: Path, model: str) -> None:
     axes[2].set_xlabel("layer")
     axes[2].set_ylabel("head (last row: MLP)")
     fig.colorbar(image, ax=axes[2], label="mean DLA, logit(wrong) − logit(right)")
-    fig.suptitle(f"{model}: {report['n_facts']} facts the model gets wrong", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, suptitle=f"{model}: {report['n_facts']} facts the model gets wrong")

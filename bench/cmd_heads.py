@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.plotting import pyplot, save_figure
 from lmview.models import DEFAULT_MODEL
 
 NAME = "heads"
@@ -24,8 +25,8 @@ COLORS = {"mover": "#4C72B0", "relation": "#DD8452", "mixture": "#55A868"}
 log = logging.getLogger("bench")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, n_facts: int = 20) -> None:
-    """Options every relation analysis takes."""
+def add_common_arguments(parser: argparse.ArgumentParser, n_facts: int = 20, top_n: int | None = None) -> None:
+    """Options every relation analysis takes; with top_n, also --top-n (edges per circuit) with that default."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model name, hub id or HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--relations", default=None,
@@ -41,6 +42,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, n_facts: int = 20) -> 
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--output", default=None, help="output folder (default analyses-out/<command>-<model>)")
+    if top_n is not None:
+        parser.add_argument("--top-n", type=int, default=top_n, help=f"edges per circuit (default {top_n})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,36 +120,21 @@ def shared_heads(relations: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_layers(report: dict[str, Any], n_layers: int, path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n_layers + 2), 3.4))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.28 * n_layers + 2), 3.4))
     bottom = [0] * n_layers
     for cls, color in COLORS.items():
         counts = report["layer_distribution"][cls]
         ax.bar(range(n_layers), counts, bottom=bottom, color=color, label=cls)
         bottom = [b + c for b, c in zip(bottom, counts)]
-    ax.set_xlabel("layer")
-    ax.set_ylabel("heads (summed over relations)")
-    ax.set_title(f"{model}: special heads by layer ({len(report['relations'])} relations)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, ax=ax, xlabel="layer", ylabel="heads (summed over relations)",
+                title=f"{model}: special heads by layer ({len(report['relations'])} relations)", legend_size=8)
 
 
 def plot_attention(report: dict[str, Any], path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(report["relations"])
     ncols = min(4, len(names))
     nrows = -(-len(names) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.1 * nrows), squeeze=False)
+    fig, axes = pyplot().subplots(nrows, ncols, figsize=(3.3 * ncols, 3.1 * nrows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names):
@@ -165,7 +153,4 @@ def plot_attention(report: dict[str, Any], path: Path, model: str) -> None:
         ax.set_xlabel("attention to subject", fontsize=7)
         ax.set_ylabel("attention to relation tokens", fontsize=7)
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle(f"{model}: attention at the last token, per head (grey: unclassified)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, suptitle=f"{model}: attention at the last token, per head (grey: unclassified)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cmd_heads import add_common_arguments
+from bench.plotting import pyplot, save_figure
 
 NAME = "incontext"
 HELP = "circuits of the same fact without and with demonstrations: overlap and newly appearing heads"
@@ -19,9 +20,8 @@ log = logging.getLogger("bench")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, n_facts=10)
+    add_common_arguments(parser, n_facts=10, top_n=300)
     parser.add_argument("--shots", type=int, default=3, help="demonstrations before the query (default 3)")
-    parser.add_argument("--top-n", type=int, default=300, help="edges per circuit (default 300)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -48,7 +48,7 @@ def pick_facts(bundle, relations: list[tuple[str, Path]], n: int, scan: int, sho
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.analyses import command_line, output_folder, pick_relations, write_json
+    from bench.analyses import output_folder, pick_relations, provenance_fields, write_json
     from bench.incontext import incontext_fact, incontext_summary
     from bench.lre import LRE_ROOT
     from lmview.models import load_model
@@ -65,10 +65,9 @@ def main(args: argparse.Namespace) -> int:
     for name, zero, few, samples in facts:
         log.info("incontext: %s: %s", name, zero.subject)
         rows.append(dict(incontext_fact(bundle, zero, few, samples, args.top_n), relation=name))
+    criterion = f"the answer's first token within the top {args.known_top_k} with demonstrations"
     report = dict(incontext_summary(rows, bundle.arch.n_layers), facts=rows, shots=args.shots, top_n=args.top_n,
-                  command=command_line(), model=bundle.provenance,
-                  criterion=f"the answer's first token within the top {args.known_top_k} with demonstrations",
-                  seconds=round(time.perf_counter() - started, 1))
+                  **provenance_fields(bundle, started, criterion=criterion))
     out = output_folder(args, NAME)
     write_json(out, "incontext.json", report)
     plot(report, out / "incontext.png", bundle.name)
@@ -79,12 +78,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def plot(report: dict[str, Any], path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 3.6))
     heads = report["new_heads_most_often"]
     axes[0].bar(range(len(heads)), [h["n_facts"] for h in heads], color="#55A868")
     axes[0].set_xticks(range(len(heads)), [h["head"] for h in heads], rotation=90, fontsize=7)
@@ -95,8 +89,5 @@ def plot(report: dict[str, Any], path: Path, model: str) -> None:
     axes[1].bar(range(len(report["new_heads_by_layer"])), report["new_heads_by_layer"], color="#4C72B0")
     axes[1].set_xlabel("layer")
     axes[1].set_ylabel("newly appearing heads (all facts)")
-    fig.suptitle(f"{model}: circuits with {report['shots']} demonstrations vs none ({report['n_facts']} facts)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, suptitle=f"{model}: circuits with {report['shots']} demonstrations vs none "
+                                    f"({report['n_facts']} facts)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cmd_heads import add_common_arguments
+from bench.plotting import pyplot, save_figure
 
 NAME = "multihop"
 HELP = "two-hop questions from LRE relation chains: circuit reuse of the single hops, bridge entity by layer"
@@ -19,8 +20,7 @@ log = logging.getLogger("bench")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, n_facts=10)
-    parser.add_argument("--top-n", type=int, default=300, help="edges per circuit (default 300)")
+    add_common_arguments(parser, n_facts=10, top_n=300)
 
 
 def pick_chains(bundle, root: Path, names: set[str] | None, n: int, scan: int, top_k: int):
@@ -49,7 +49,7 @@ def pick_chains(bundle, root: Path, names: set[str] | None, n: int, scan: int, t
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.analyses import command_line, output_folder, write_json
+    from bench.analyses import output_folder, provenance_fields, write_json
     from bench.lre import LRE_ROOT
     from bench.multihop import CHAINS, chain_circuits, hop_lens, multihop_summary
     from bench.relation_circuits import Fact, answer_ranks
@@ -75,10 +75,9 @@ def main(args: argparse.Namespace) -> int:
                      "two_hop_rank": rank, "lens": hop_lens(bundle, chain),
                      "circuits": chain_circuits(bundle, chain, args.top_n)})
     report = dict(multihop_summary(rows, bundle.arch.n_layers), chains=rows, chain_types=used, top_n=args.top_n,
-                  command=command_line(), model=bundle.provenance,
-                  criterion=f"both single hops' answers within the model's top {args.known_top_k}",
-                  data="two-hop chains built from the LRE relations (bench/multihop.py CHAINS); no MQuAKE file",
-                  seconds=round(time.perf_counter() - started, 1))
+                  **provenance_fields(
+                      bundle, started, criterion=f"both single hops' answers within the model's top {args.known_top_k}",
+                      data="two-hop chains built from the LRE relations (bench/multihop.py CHAINS); no MQuAKE file"))
     out = output_folder(args, NAME)
     write_json(out, "multihop.json", report)
     plot(report, out / "multihop.png", bundle.name)
@@ -89,12 +88,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def plot(report: dict[str, Any], path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 3.6))
     layers = range(report["n_layers"])
     axes[0].plot(layers, report["mean_log10_rank_bridge"], label="bridge entity (first hop's answer)", color="#C44E52")
     axes[0].plot(layers, report["mean_log10_rank_answer"], label="answer (second hop's)", color="#4C72B0")
@@ -107,7 +101,4 @@ def plot(report: dict[str, Any], path: Path, model: str) -> None:
     axes[1].set_xticks(range(len(keys)), ["hop 1 nodes\nin two-hop", "hop 2 nodes\nin two-hop",
                                           "node Jaccard\nhop 1", "node Jaccard\nhop 2"], fontsize=8)
     axes[1].set_ylim(0, 1)
-    fig.suptitle(f"{model}: {report['n_chains']} two-hop questions", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, suptitle=f"{model}: {report['n_chains']} two-hop questions")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cmd_heads import add_common_arguments
+from bench.plotting import pyplot, save_figure
 
 NAME = "reuse"
 HELP = "overlap of relation circuits across relations and knowledge types; the components most share"
@@ -107,38 +108,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 def plot_matrix(report: dict[str, Any], path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = report["relations"]
     size = max(4.5, 0.32 * len(names) + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = pyplot().subplots(figsize=(size + 1, size))
     image = ax.imshow(report["edge_jaccard"], vmin=0, vmax=1, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_yticks(range(len(names)), names, fontsize=6)
     fig.colorbar(image, ax=ax, label="edge Jaccard")
-    ax.set_title(f"{model}: relation circuits, top {report['top_n']} edges each", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, ax=ax, title=f"{model}: relation circuits, top {report['top_n']} edges each", title_size=9)
 
 
 def plot_shared(report: dict[str, Any], path: Path, model: str, k: int = 30) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = report["shared_nodes"][:k]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(rows) + 2), 3.4))
+    fig, ax = pyplot().subplots(figsize=(max(5.0, 0.3 * len(rows) + 2), 3.4))
     ax.bar(range(len(rows)), [r["share"] for r in rows], color="#4C72B0")
     ax.set_xticks(range(len(rows)), [r["component"] for r in rows], rotation=90, fontsize=7)
-    ax.set_ylabel("share of relation circuits")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{model}: nodes in ≥ {report['min_share']:g} of {len(report['relations'])} relation circuits",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, ax=ax, ylabel="share of relation circuits", title_size=9,
+                title=f"{model}: nodes in ≥ {report['min_share']:g} of {len(report['relations'])} relation circuits")

@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from bench.plotting import pyplot, save_figure
 from lmview.models import DEFAULT_MODEL
 
 NAME = "trace"
@@ -122,11 +123,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _heatmap(path: Path, traces, kind: str, grouped: list[list[float] | None], model: str) -> None:
     """One fact: its tokens by layers. Several facts: the paper's token groups by layers (AIE)."""
-    import matplotlib
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from bench.tracing import CATEGORIES
@@ -142,35 +139,24 @@ def _heatmap(path: Path, traces, kind: str, grouped: list[list[float] | None], m
         matrix = np.array([grouped[i] for i in keep])
         labels = [CATEGORIES[i] for i in keep]
         title = f"AIE of {LABELS[kind]} over {len(traces)} facts"
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * matrix.shape[1] + 3), 0.4 * len(labels) + 1.8))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.25 * matrix.shape[1] + 3), 0.4 * len(labels) + 1.8))
     image = ax.imshow(matrix, cmap=COLORMAPS[kind], aspect="auto", vmin=min(0.0, float(matrix.min())))
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer" + ("" if kind == "hidden" else " (centre of a window of restored layers)"))
-    ax.set_title(f"{model}: {title}", fontsize=9)
     fig.colorbar(image, ax=ax, label="P(answer) restored − corrupted")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    xlabel = "layer" + ("" if kind == "hidden" else " (centre of a window of restored layers)")
+    save_figure(fig, path, ax=ax, xlabel=xlabel, title=f"{model}: {title}", title_size=9, dpi=120)
 
 
 def _curves(path: Path, curves: dict[str, list[float]], model: str, n_facts: int) -> None:
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = pyplot().subplots(figsize=(7, 3.5))
     colours = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
     for kind, curve in curves.items():
         ax.plot(range(len(curve)), curve, marker=".", color=colours[kind], label=LABELS[kind])
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("AIE at the last subject token")
-    ax.set_title(f"{model}: average indirect effect, last subject token ({n_facts} facts)", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, ax=ax, xlabel="layer", ylabel="AIE at the last subject token",
+                title=f"{model}: average indirect effect, last subject token ({n_facts} facts)", title_size=9,
+                legend_size=8, dpi=120)

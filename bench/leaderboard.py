@@ -27,8 +27,10 @@ from typing import Any, Callable
 from tabulate import tabulate
 
 from bench.lens import TOP_K, lens_summary
+from bench.plotting import pyplot, save_figure
 from bench.results import (COLLAPSE_CRITERION, FAMILIES, METRICS, ppl_collapsed, read_case_lines, read_cases,
                            summarize)
+from lmview.io import read_mapping
 
 # metrics left out of the markdown table (still in JSON and CSV)
 HIDDEN_IN_MARKDOWN = {"paraphrase_magnitude", "neighborhood_magnitude", "seconds_per_circuit"}
@@ -145,13 +147,8 @@ class DamagedRun(ValueError):
 
 
 def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DamagedRun(f"{path.name} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DamagedRun(f"{path.name} is a JSON {type(data).__name__}, not an object")
-    return data
+    return read_mapping(path, lambda reason: DamagedRun(f"{path.name} is not valid JSON ({reason})"),
+                        lambda data: DamagedRun(f"{path.name} is a JSON {type(data).__name__}, not an object"))
 
 
 def _check_fields(name: str, data: dict[str, Any], objects: tuple[str, ...], texts: tuple[str, ...]) -> None:
@@ -594,14 +591,12 @@ def _errors(aggs: list[dict[str, Any] | None]) -> list[list[float]]:
 
 def plot_family_bars(rows: list[RunRow], family: str, title: str, path: Path) -> bool:
     """One panel per metric column (one protocol each); collapsed rows are red, hatched and labelled."""
-    import matplotlib.pyplot as plt
-
     columns = [c for c in metric_columns(rows) if c.family == family]
     if not columns:
         return False
     ncols = min(4, len(columns))
     nrows = -(-len(columns) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 3.0 * nrows + 0.4), squeeze=False)
+    fig, axes = pyplot().subplots(nrows, ncols, figsize=(2.9 * ncols, 3.0 * nrows + 0.4), squeeze=False)
     for ax in axes.flat[len(columns):]:
         ax.set_visible(False)
     labels = [f"{r.label} ({COLLAPSED_MARK.split()[-1]})" if r.n_collapsed else r.label for r in rows]
@@ -619,42 +614,31 @@ def plot_family_bars(rows: list[RunRow], family: str, title: str, path: Path) ->
         ax.set_xticks(range(len(rows)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_title(column.label, fontsize=9)
         ax.axhline(0, color="black", linewidth=0.5)
-    fig.suptitle(f"{FAMILIES[family]} · {title} (95% bootstrap CI)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, suptitle=f"{FAMILIES[family]} · {title} (95% bootstrap CI)")
     return True
 
 
 def plot_efficacy_vs_overlap(rows: list[RunRow], title: str, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
     points = [r for r in rows if _mean(r, "efficacy_score") is not None and _mean(r, "circuit_edge_jaccard") is not None]
     if not points:
         return False
-    fig, ax = plt.subplots(figsize=(4.8, 4.0))
+    fig, ax = pyplot().subplots(figsize=(4.8, 4.0))
     for row in points:
         x_agg, y_agg = row.metrics["circuit_edge_jaccard"], row.metrics["efficacy_score"]
         ax.errorbar([x_agg["mean"]], [y_agg["mean"]], xerr=_errors([x_agg]), yerr=_errors([y_agg]), fmt="o", capsize=3)
         ax.annotate(row.label, (x_agg["mean"], y_agg["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("circuit overlap, pre vs post (edge Jaccard)")
-    ax.set_ylabel("efficacy score (ES)")
-    ax.set_title(f"Efficacy vs circuit overlap · {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, ax=ax, xlabel="circuit overlap, pre vs post (edge Jaccard)", ylabel="efficacy score (ES)",
+                title=f"Efficacy vs circuit overlap · {title}")
     return True
 
 
 def plot_logit_lens(rows: list[RunRow], title: str, path: Path) -> bool:
     """Per layer, per editor: target_new's median rank (log scale) and mean probability, before the edit
     (dashed) and after it (solid)."""
-    import matplotlib.pyplot as plt
-
     lensed = [row for row in rows if row.summary.get("lens")]
     if not lensed:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.6))
     for index, row in enumerate(lensed):
         lens, color = row.summary["lens"], f"C{index % 10}"
         layers = range(lens["n_layers"])
@@ -668,11 +652,7 @@ def plot_logit_lens(rows: list[RunRow], title: str, path: Path) -> bool:
     axes[1].set_ylabel("mean P(target_new)")
     for ax in axes:
         ax.set_xlabel("layer (residual stream after it, logit lens)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Logit lens of the rewrite prompt · {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, ax=axes[0], legend_size=7, suptitle=f"Logit lens of the rewrite prompt · {title}")
     return True
 
 
@@ -683,14 +663,12 @@ def read_curve(path: Path) -> list[dict[str, Any]]:
 
 def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial: bool = False) -> bool:
     """One panel per curve field, one line per editor (its latest sequential run, as in the table)."""
-    import matplotlib.pyplot as plt
-
     latest = {run.label: run for rows in latest_sequential(runs, include_partial).values() for run in rows}
     curves = {label: read_curve(run.path / "sequential.jsonl") for label, run in sorted(latest.items())}
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
         return False
-    fig, axes = plt.subplots(1, len(SEQUENTIAL_PANELS), figsize=(11, 3.4))
+    fig, axes = pyplot().subplots(1, len(SEQUENTIAL_PANELS), figsize=(11, 3.4))
     for ax, (key, name) in zip(axes, SEQUENTIAL_PANELS):
         for label, points in curves.items():
             xy = [(p["n_edits"], p[key]) for p in points if isinstance(p.get(key), (int, float))]
@@ -702,20 +680,13 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial:
         if key == "ppl":
             ax.set_yscale("log")  # a collapsing editor's perplexity is orders of magnitude above the rest
         ax.set_title(name, fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Sequential editing · {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, ax=axes[0], legend_size=7, suptitle=f"Sequential editing · {title}")
     return True
 
 
 def write_plots(runs: list[RunRow], groups: dict[tuple[str, str], list[RunRow]], folder: Path,
                 include_partial: bool = False) -> list[tuple[tuple[str, str], Path]]:
     """Writes the PNGs; returns ((model, dataset), path) for each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     keys = set(groups) | {(r.model, r.dataset) for r in runs if r.sequential}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bench.results import code_sha256, drop_torn_tail, read_case_lines, run_lock
+from lmview.io import read_mapping
 
 if TYPE_CHECKING:
     from editors.base import Editor
@@ -33,12 +34,11 @@ def stored_manifest(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         raise ValueError(f"cannot resume {run_dir}: it has no manifest.json (not a run folder)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot resume {run_dir}: manifest.json is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-        raise ValueError(f"cannot resume {run_dir}: manifest.json has no run configuration")
+    prefix = f"cannot resume {run_dir}: manifest.json"
+    manifest = read_mapping(path, lambda reason: ValueError(f"{prefix} is not valid JSON ({reason})"),
+                            lambda _: ValueError(f"{prefix} has no run configuration"))
+    if not isinstance(manifest.get("config"), dict):
+        raise ValueError(f"{prefix} has no run configuration")
     return manifest
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -775,26 +775,38 @@ def execute(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool: Po
             writer: RunWriter, guard: ModelGuard) -> tuple[Path, dict[str, Any]]:
     """Edits the cases not yet in the run folder and writes the summary with the run's final state:
     complete, interrupted (SIGINT or SIGTERM) or failed (systematic failures, a model left changed)."""
-    status, error = "complete", None
     extra = summary_fields(cfg, writer.manifest)
     log.info("editing: %s on %d cases (%s mode, batch size %d)%s", cfg.editor, len(cases), extra["mode"],
              cfg.batch_size, f", with pre/post circuits (EAP, top {cfg.top_n} edges, {cfg.graph} graph)" if cfg.circuits
              else "")
-    try:
+
+    def edit_all() -> None:
         if cfg.sequential:
             extra.update(final_curve_fields(run_sequential(bundle, editor, cases, pool, cfg, writer, guard)))
         else:
             run_batches(bundle, editor, cases, pool, cfg, writer, guard)
+
+    return writer.dir, run_to_end(edit_all, writer, extra, (SystematicFailure, IntegrityError))
+
+
+def run_to_end(work: Callable[[], None], writer: RunWriter, extra: dict[str, Any],
+               failures: tuple[type[Exception], ...]) -> dict[str, Any]:
+    """Runs `work` and writes the run's summary and final state: complete; interrupted by SIGINT or SIGTERM
+    (the signal goes into `extra`); or failed on one of `failures` (its message is the error). Any other
+    exception marks the run failed and propagates."""
+    status, error = "complete", None
+    try:
+        work()
     except KeyboardInterrupt as exc:
         status = "interrupted"
         extra["signal"] = getattr(exc, "signal_name", "SIGINT")
         log.warning("interrupted (%s): the summary covers the cases already written", extra["signal"])
-    except (SystematicFailure, IntegrityError) as exc:
+    except failures as exc:
         status, error = "failed", str(exc)
     except BaseException as exc:
         writer.finish(extra, "failed", f"{type(exc).__name__}: {exc}")
         raise
-    return writer.dir, finish_run(writer, extra, status, error)
+    return finish_run(writer, extra, status, error)
 
 
 def summary_fields(cfg: RunConfig, manifest: dict[str, Any]) -> dict[str, Any]:

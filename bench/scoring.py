@@ -47,6 +47,16 @@ def case_prompts(case: EditCase) -> dict[str, list[tuple[str, str]]]:
             "neighborhood": list(case.neighborhood)}
 
 
+def paired_prompts(groups: dict[str, list[tuple[str, str]]], target_new: str) -> tuple[list[str], list[str]]:
+    """Every prompt of case_prompts' groups twice, in order: with target_new, then with its true answer."""
+    prompts, targets = [], []
+    for rows in groups.values():
+        for prompt, true_answer in rows:
+            prompts += [prompt, prompt]
+            targets += [target_new, true_answer]
+    return prompts, targets
+
+
 def target_token_logprobs(model: torch.nn.Module, batch: TargetBatch) -> torch.Tensor:
     """log p(target token j | prompt, target tokens < j): [B, J], 0 at padded positions. Only the target
     positions go through the unembedding (the full logits would cost d_model x vocab at every position);
@@ -65,12 +75,7 @@ def target_token_logprobs(model: torch.nn.Module, batch: TargetBatch) -> torch.T
 def case_target_nll(model: torch.nn.Module, tokenizer, case: EditCase, device: torch.device) -> CaseTargetNLL:
     """Every prompt with both targets, in a single batched forward pass."""
     groups = case_prompts(case)
-    prompts, targets = [], []
-    for rows in groups.values():
-        for prompt, true_answer in rows:
-            prompts += [prompt, prompt]
-            targets += [case.target_new, true_answer]
-    batch = build_batch(tokenizer, prompts, targets, device)
+    batch = build_batch(tokenizer, *paired_prompts(groups, case.target_new), device)
     token_lp = target_token_logprobs(model, batch).double()
     sums = token_lp.sum(-1)
     nll = (-sums / batch.target_mask.sum(-1)).tolist()

@@ -32,7 +32,8 @@ import yaml
 from tqdm import tqdm
 
 from bench.results import RunWriter, _atomic_json, read_cases
-from bench.run import RunConfig, SystematicFailure, check_systematic, finish_run, open_writer, summary_fields
+from bench.run import RunConfig, SystematicFailure, check_systematic, open_writer, run_to_end, summary_fields
+from lmview.io import read_mapping
 
 log = logging.getLogger("bench")
 
@@ -83,12 +84,9 @@ def load_suite(path: Path, output: str | None = None) -> tuple[list[SweepRun], s
     """The suite's runs, in the order they run, and the output folder (--output wins over the suite's)."""
     if not path.is_file():
         raise SweepError(f"suite {path} does not exist")
-    try:
-        suite = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SweepError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(suite, dict):
-        raise SweepError(f"{path}: expected a mapping with editors, models, datasets and seeds")
+    suite = read_mapping(path, lambda reason: SweepError(f"{path}: invalid YAML ({reason})"),
+                         lambda _: SweepError(f"{path}: expected a mapping with editors, models, datasets and seeds"),
+                         parse=yaml.safe_load)
     unknown = sorted(set(suite) - SUITE_KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(SUITE_KEYS))}")
@@ -391,21 +389,16 @@ def run_sharded(ray: Any, planned: Planned, options: SweepOptions, bar: tqdm, su
     log.info("sweep: %s: %d batches to edit on %d workers, into %s", sweep_run.label, len(todo),
              min(place.workers, len(todo)), writer.dir)
     workers = [first] + [new_worker() for _ in range(min(place.workers, len(todo)) - 1)]
-    status, error, extra = "complete", None, summary_fields(cfg, manifest)
-    try:
-        drive(ray, workers, new_worker, progress, all_batches, writer, written, done, bar)
-    except KeyboardInterrupt as exc:
-        status, extra["signal"] = "interrupted", getattr(exc, "signal_name", "SIGINT")
-        log.warning("interrupted (%s): the summary covers the cases already written", extra["signal"])
-    except (SystematicFailure, SweepError) as exc:
-        status, error = "failed", str(exc)
-    except BaseException as exc:
-        writer.finish(extra, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        for worker in workers:
-            ray.kill(worker)
-    return writer.dir, finish_run(writer, extra, status, error)
+
+    def edit_all() -> None:
+        try:
+            drive(ray, workers, new_worker, progress, all_batches, writer, written, done, bar)
+        finally:
+            for worker in workers:
+                ray.kill(worker)
+
+    summary = run_to_end(edit_all, writer, summary_fields(cfg, manifest), (SystematicFailure, SweepError))
+    return writer.dir, summary
 
 
 def first_manifest(ray: Any, worker: Any, sweep_run: SweepRun) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from bench.run import restore  # noqa: E402
 from editors.base import get_editor, load_hparams  # noqa: E402
 from editors.keystats import second_moment  # noqa: E402
 from lmview.arch import backup  # noqa: E402
+from lmview.io import write_json  # noqa: E402
 from lmview.models import load_model  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def main() -> None:
                             for layer, c in sorted(moments.items())}
     print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from circuits.curve import reported_faithfulness  # noqa: E402
 from circuits.evaluate import circuit_metrics  # noqa: E402
 from circuits.graph import Graph  # noqa: E402
 from circuits.selection import prune, top_edges  # noqa: E402
+from lmview.io import write_json  # noqa: E402
 from lmview.models import load_model  # noqa: E402
 
 
@@ -100,8 +101,7 @@ def main() -> int:
     }
     print(json.dumps({k: v for k, v in result.items() if k != "per_case"}, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

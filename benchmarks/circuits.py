@@ -39,6 +39,7 @@ from bench.lre import load_relation  # noqa: E402
 from circuits.activations import PairBatch, answer_logprob  # noqa: E402
 from circuits.attribute import eap_ig_scores, eap_scores  # noqa: E402
 from circuits.graph import Graph  # noqa: E402
+from lmview.io import write_json  # noqa: E402
 from lmview.models import load_model  # noqa: E402
 from lmview.tokens import prompt_ids, target_ids  # noqa: E402
 
@@ -181,8 +182,7 @@ def main() -> None:
     results["peak_rss_process_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -318,6 +318,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from circuits.attribute import eap_ig_scores, eap_scores
     from circuits.graph import Graph
+    from lmview.io import write_json
     from lmview.models import load_model
 
     bundle = load_model(args.model, "cpu")
@@ -397,8 +398,7 @@ def main() -> None:
     }
     print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,6 +23,7 @@ from circuits.graph import Graph
 from editors.base import get_editor, load_hparams
 from editors.keystats import _cache_path, second_moment
 from lmview.arch import backup
+from lmview.io import write_json
 from lmview.models import load_model
 
 
@@ -114,8 +114,7 @@ def main() -> None:
     )
     print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from bench.data import load_dataset
 from bench.run import RunConfig, restore, select_cases, sync
 from editors.base import get_editor, load_hparams
 from lmview.arch import backup
+from lmview.io import write_json
 from lmview.models import load_model
 
 PHASES = {"measure_before": "pre-scores (+ pre circuits)", "apply_edits": "edit",
@@ -86,18 +87,13 @@ def phase_timer(totals: dict[str, float]) -> Iterator[None]:
 def scoring_full_against_target_positions(bundle: Any, cases: list) -> dict[str, Any]:
     """case_target_nll's batch scored from HF's full logits and from the target positions only
     (bench.scoring.target_token_logprobs): process CPU seconds of each, and whether they agree bitwise."""
-    from bench.scoring import case_prompts, target_token_logprobs
+    from bench.scoring import case_prompts, paired_prompts, target_token_logprobs
     from lmview.tokens import build_batch, target_token_logprobs_from_logits
 
     cpu_full = cpu_targets = 0.0
     equal, worst = 0, 0.0
     for case in cases:
-        prompts, targets = [], []
-        for rows in case_prompts(case).values():
-            for prompt, true_answer in rows:
-                prompts += [prompt, prompt]
-                targets += [case.target_new, true_answer]
-        batch = build_batch(bundle.tokenizer, prompts, targets, bundle.device)
+        batch = build_batch(bundle.tokenizer, *paired_prompts(case_prompts(case), case.target_new), bundle.device)
         with torch.no_grad():
             start = time.process_time()
             logits = bundle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -236,8 +232,7 @@ def main() -> None:
 def write(result: dict[str, Any], path: str | None) -> None:
     print(json.dumps(result, indent=2))
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(path, result)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,33 @@ def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any],
         os.fsync(handle.fileno())
 
 
+def write_json(path: str | os.PathLike[str], data: Any, default: Callable[[Any], Any] | None = None) -> Path:
+    """`data` as indented JSON with a final newline; creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=default) + "\n")
+    return path
+
+
+def read_mapping(path: str | os.PathLike[str], invalid: Callable[[str], Exception],
+                 not_mapping: Callable[[Any], Exception], parse: Callable[[str], Any] = json.loads) -> dict[str, Any]:
+    """A file's top-level mapping, parsed as JSON or with `parse` (e.g. yaml.safe_load). A file that does not
+    decode or parse raises invalid(the parser's first line); another top level raises not_mapping(it)."""
+    try:
+        data = parse(Path(path).read_text())
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise invalid((str(exc).splitlines() or [""])[0]) from None
+    if not isinstance(data, dict):
+        raise not_mapping(data)
+    return data
+
+
 def read_yaml_mapping(path: str | os.PathLike[str], error: type[Exception] = ValueError,
                       what: str = "a mapping") -> dict[str, Any]:
     """A YAML file's top-level mapping (an empty file: {}); invalid YAML or another top level raises `error`
     with one line naming the file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected {what}")
-    return data
+    return read_mapping(path, lambda reason: error(f"{path}: invalid YAML: {reason}"),
+                        lambda _: error(f"{path}: expected {what}"), parse=lambda text: yaml.safe_load(text) or {})
 
 
 def safe_filename(text: str) -> str:

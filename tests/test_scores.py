@@ -216,15 +216,12 @@ def test_target_position_logprobs_equal_the_full_forwards(tiny_model, one_thread
     """Scoring sends only the target positions through the unembedding; the log-probs are those of the full
     logits (HF's forward, every position) at the same places."""
     from bench.data import load_dataset
-    from bench.scoring import case_prompts, target_token_logprobs
+    from bench.scoring import case_prompts, paired_prompts, target_token_logprobs
     from lmview.tokens import build_batch, target_token_logprobs_from_logits
 
     case = load_dataset("facts").cases[0]
-    prompts, targets = [], []
-    for rows in case_prompts(case).values():
-        for prompt, true_answer in rows:
-            prompts += [prompt, prompt]
-            targets += [case.target_new, true_answer]
+    prompts, targets = paired_prompts(case_prompts(case), case.target_new)
+    assert prompts[:2] == [case.rewrite_prompt] * 2 and targets[:2] == [case.target_new, case.target_true]
     batch = build_batch(tiny_model.tokenizer, prompts, targets, tiny_model.device)
     with torch.no_grad():
         full = tiny_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
