@@ -28,7 +28,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -280,9 +280,12 @@ def weight_decay_term(delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return delta.norm() / ref.pow(2).sum()
 
 
-def optimise_shift(fwd: ShiftedForward, hp: LocateHparams, ref: torch.Tensor
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """δ for ROME's v* / MEMIT's z (module docstring); returns δ and device-scalar stats."""
+def optimise_shift(fwd: ShiftedForward, hp: LocateHparams, ref: torch.Tensor,
+                   stop: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """δ for ROME's v* / MEMIT's z (module docstring); returns δ and device-scalar stats.
+
+    `stop(logits)`, when given, is asked after every forward pass (before that pass's step) whether to stop
+    there as well (ENCORE's most-probable early stopping)."""
     batch, n_rw = fwd.rows.batch, fwd.rows.n_rewrite
     orig_kl_lp = fwd.logits0[n_rw:, 0].log_softmax(-1)
     n_tok = batch.target_mask[:n_rw].sum(-1)
@@ -299,6 +302,8 @@ def optimise_shift(fwd: ShiftedForward, hp: LocateHparams, ref: torch.Tensor
         edit_lp = logits[n_rw:, 0].log_softmax(-1)
         kl = (edit_lp.exp() * (edit_lp - orig_kl_lp)).sum(-1).mean()  # KL(edited ‖ original)
         loss = nll + kl_factor * kl + decay_factor * weight_decay_term(delta, ref)
+        if stop is not None and stop(logits):
+            break
         if step == steps - 1 or loss.item() < threshold:  # one host sync per step, for the early stop
             break
         opt.zero_grad()
