@@ -375,9 +375,10 @@ class Wise(Editor, hparams=WiseHparams):
         mask = mem.mask.to(shard.device)
         previous, last, steps, first = float("inf"), float("inf"), 0, float("nan")
         for step in range(hp.n_iter):
-            in_scope = row_mean(activation_scores(upper.acts, shard, mem.main), batch.attention_mask)
+            shift = upper.acts.float() @ (shard - mem.main)  # A(x)·(M − M0): the change of the layer's output
+            in_scope = row_mean(shift.norm(dim=-1), batch.attention_mask)  # Δ_act per token, mean per row
             out_scope = activation_scores(outside, shard, mem.main).mean().view(1)
-            edit_loss = target_nll_from_logits(upper.logits(upper.acts.float() @ (shard - mem.main)), batch)
+            edit_loss = target_nll_from_logits(upper.logits(shift), batch)
             act_loss = margin_loss(in_scope, out_scope, alpha, beta, gamma)
             loss = edit_loss + act_loss
             if step == 0:
