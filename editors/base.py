@@ -75,7 +75,7 @@ class Editor:
 EDITORS: Registry[type[Editor]] = Registry("editor")
 NATIVE = {  # name -> where its class lives
     "rome": "editors.rome:Rome", "r-rome": "editors.r_rome:RRome", "memit": "editors.memit:Memit",
-    "encore": "editors.encore:Encore",
+    "encore": "editors.encore:Encore", "ultraedit": "editors.ultraedit:UltraEdit",
     "emmet": "editors.emmet:Emmet", "alphaedit": "editors.alphaedit:AlphaEdit", "ft-l": "editors.ft:FineTuneL",
     "ft-m": "editors.ft_m:FineTuneM", "grace": "editors.grace:Grace", "kn": "editors.kn:KnowledgeNeurons",
     "ike": "editors.ike:InContextEditor", "wise": "editors.wise:Wise",
