@@ -15,7 +15,8 @@ score among those whose score reaches the threshold ε = act_ratio · min over e
 score (below), else the main memory; when no position routes the layer's own output passes through
 unchanged (bitwise). The score of a position is the mean Δ_act over the input's tokens up to t (padding
 excluded when the model is called with an attention mask): the causal form of EasyEdit's mean over the
-whole input.
+whole input. The harness runs whole sequences (no KV cache); with a cache, each call would score only the
+tokens it is given.
 
 One edit (paper §3.2-3.3; EasyEdit `WISE.edit`):
 1. rows: the rewrite prompt under `context_template_length_params` prefixes sampled from the model (the bare
