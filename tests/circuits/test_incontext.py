@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from bench.incontext import context_attention, head_index, incontext_summary
 from lmview.tokens import prompt_ids
-from tests.test_heads import write_relation
+from tests.helpers import analysis_report, capitals_root
 
 
 @torch.no_grad()
@@ -46,16 +44,9 @@ def test_summary_by_hand():
 
 
 def test_incontext_command_on_tiny_llama(tmp_path, one_thread):
-    from bench.cli import main
-
-    root = tmp_path / "lre"
-    write_relation(root / "factual", "capital", "The capital of {} is",
-                   [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-                    ("Japan", "Tokyo"), ("Egypt", "Cairo")])
     out = tmp_path / "icl"
-    assert main(["incontext", "--model", "tiny-llama", "--lre-root", str(root), "--known-top-k", "100000",
-                 "--n-facts", "2", "--shots", "2", "--top-n", "30", "--device", "cpu", "--output", str(out)]) == 0
-    report = json.loads((out / "incontext.json").read_text())
+    report = analysis_report("incontext", "tiny-llama", capitals_root(tmp_path / "lre"), out,
+                             "--known-top-k", "100000", "--n-facts", "2", "--shots", "2", "--top-n", "30")
     assert report["n_facts"] == 2 and report["shots"] == 2
     row = report["facts"][0]
     assert row["prompt_few_shot"].endswith(row["prompt_zero_shot"]) and row["prompt_few_shot"].count("\n") == 2

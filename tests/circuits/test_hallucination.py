@@ -3,15 +3,13 @@ difference, and the command on tiny-gpt2."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from bench.hallucination import WrongFact, component_names, where_lost, wrong_vs_right_dla
 from bench.heads import centred_unembedding, frozen_final_norm
 from lmview.tokens import prompt_ids, target_ids
-from tests.test_heads import write_relation
+from tests.helpers import analysis_report, capitals_root
 
 
 def test_where_lost_by_hand():
@@ -53,16 +51,9 @@ def test_heads_mlps_and_embedding_sum_to_the_logit_difference(one_thread):
 
 
 def test_hallucination_command_on_tiny_gpt2(tmp_path, one_thread):
-    from bench.cli import main
-
-    root = tmp_path / "lre"
-    write_relation(root / "factual", "capital", "The capital of {} is",
-                   [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-                    ("Japan", "Tokyo"), ("Egypt", "Cairo")])
     out = tmp_path / "h"
-    assert main(["hallucination", "--model", "tiny-gpt2", "--lre-root", str(root), "--any-wrong", "--n-facts", "3",
-                 "--top-n", "20", "--device", "cpu", "--output", str(out)]) == 0
-    report = json.loads((out / "hallucination.json").read_text())
+    report = analysis_report("hallucination", "tiny-gpt2", capitals_root(tmp_path / "lre"), out,
+                             "--any-wrong", "--n-facts", "3", "--top-n", "20")
     assert report["n_facts"] == 3 and len(report["mean_log10_rank_right"]) == 8
     first = report["facts"][0]
     assert first["right_final_rank"] > 1 and first["right_rank"][-1] == first["right_final_rank"]

@@ -145,10 +145,10 @@ def test_mib_export_has_eap_igs_edges_scores_and_membership(tiny_model, tmp_path
     from bench.cli import main
     from circuits.circuit import discover, scores_path
     from circuits.mib import mib_graph
-    from tests.test_circuit_methods import batch_of
+    from tests.helpers import circuit_batch
 
     arch = tiny_model.arch
-    c = discover(tiny_model.bridge(), tiny_model.model, arch, batch_of(tiny_model), " Paris", top_n=25)
+    c = discover(tiny_model.bridge(), tiny_model.model, arch, circuit_batch(tiny_model), " Paris", top_n=25)
     exported = mib_graph(c, c.scores)
     assert set(exported["edges"]) == eap_ig_edge_names(arch.n_layers, arch.n_heads)
     assert {n for n, e in exported["edges"].items() if e["in_graph"]} == set(c.edges)
@@ -163,7 +163,7 @@ def test_mib_export_has_eap_igs_edges_scores_and_membership(tiny_model, tmp_path
     assert scores_path(path).is_file()
     assert main(["circuit-export", str(path), "--output", str(tmp_path / "mib.json")]) == 0
     assert json.loads((tmp_path / "mib.json").read_text()) == exported
-    grouped = discover(tiny_model.bridge(), tiny_model.model, arch, batch_of(tiny_model), " Paris", top_n=5,
+    grouped = discover(tiny_model.bridge(), tiny_model.model, arch, circuit_batch(tiny_model), " Paris", top_n=5,
                        graph="grouped", evaluate=False)
     if arch.n_kv_heads != arch.n_heads:
         with pytest.raises(ValueError, match="ungrouped"):

@@ -17,14 +17,14 @@ import lmview.cache as cache
 from editors import keystats
 from lmview.cache import entry_problem, publish, staging_path
 from lmview.models import load_model
-from conftest import write_pseudo_corpus
+from tests.helpers import REPO_ROOT, write_pseudo_corpus
 
 
 def test_staging_paths_differ_per_process(tmp_path: Path) -> None:
     dest = tmp_path / "entry"
     code = f"from pathlib import Path; from lmview.cache import staging_path; print(staging_path(Path({str(dest)!r})))"
     other = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent.parent).stdout.strip())
+                                cwd=REPO_ROOT).stdout.strip())
     mine = staging_path(dest)
     assert other != mine and {other.parent, mine.parent} == {tmp_path}
     assert mine.name.startswith("entry.") and mine.name.endswith(".part")

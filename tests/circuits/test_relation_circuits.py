@@ -20,7 +20,7 @@ from circuits.curve import EDGE_PERCENTAGES, curve_areas, edges_at, faithfulness
 from circuits.draw import diff_edges, draw_circuit, draw_diff, split_edge
 from circuits.layers import collect, lens_inputs, logit_lens, token_roles
 from circuits.relation import ScoringSet, batches, graph_of, hits, random_edges
-from conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA
 
 LRE_CAPITALS = SHARED_DATA / "lre" / "factual" / "country_capital_city.json"
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Italy", "Rome"),

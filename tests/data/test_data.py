@@ -13,10 +13,9 @@ from bench.data.builtin import facts_split_of, load_builtin
 from bench.data.counterfact import load_counterfact
 from bench.data.records import LoadedDataset
 from lmview.case import DatasetError, EditCase, validate_case
+from tests.helpers import FACTS_FILE, SHARED_DATA
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FACTS = REPO_ROOT / "datasets" / "facts.json"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FACTS = FACTS_FILE
 COUNTERFACT_SAMPLE = SHARED_DATA / "counterfact" / "counterfact-val.json"
 
 needs_shared = pytest.mark.skipif(

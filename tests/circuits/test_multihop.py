@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from bench.lre import load_relation
 from bench.multihop import CHAINS, build_chains, contained, contained_edges
 from circuits.circuit import Circuit
-from tests.test_heads import write_relation
+from tests.helpers import analysis_report, write_relation
 
 
 @pytest.fixture
@@ -48,12 +46,9 @@ def test_contained_by_hand():
 
 
 def test_multihop_command_on_tiny_gpt2(lre_root, tmp_path, one_thread):
-    from bench.cli import main
-
     out = tmp_path / "mh"
-    assert main(["multihop", "--model", "tiny-gpt2", "--lre-root", str(lre_root), "--known-top-k", "100000",
-                 "--n-facts", "2", "--top-n", "30", "--device", "cpu", "--output", str(out)]) == 0
-    report = json.loads((out / "multihop.json").read_text())
+    report = analysis_report("multihop", "tiny-gpt2", lre_root, out, "--known-top-k", "100000", "--n-facts", "2",
+                             "--top-n", "30")
     assert report["n_chains"] == 2 and report["chain_types"] == ["landmark_in_country → country_capital_city"]
     row = report["chains"][0]
     assert len(row["lens"]["bridge_rank"]) == 4 and row["lens"]["answer_rank"][-1] == row["two_hop_rank"]

@@ -4,11 +4,9 @@ integrity, damaged run folders, and the list of bad inputs with what each gets."
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,15 +17,9 @@ import bench.run
 from bench.cli import main
 from bench.results import drop_torn_tail, read_case_lines, summarize
 from editors.base import EditOutcome, Editor, register
+from tests.helpers import FACTS_FILE, bench_process, no_hparams, read_json
 
-REPO = Path(__file__).resolve().parent.parent
 QUIET = ["--model", "tiny-gpt2", "--no-circuits", "--ppl-texts", "0"]
-
-
-def no_hparams(folder: Path) -> str:
-    path = folder / "none.yaml"
-    path.write_text("# the test editors take no hyperparameters\n")
-    return str(path)
 
 
 class _Nudge(Editor):
@@ -83,10 +75,6 @@ def run_dirs(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.is_dir()) if out.exists() else []
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -116,7 +104,7 @@ def test_rogue_editor_stops_the_run_naming_what_it_changed(editor, culprit, tmp_
 def test_an_exception_in_one_case_is_recorded_and_the_run_completes(tmp_path, cache, one_thread, capsys):
     out = tmp_path / "runs"
     data = tmp_path / "three.json"
-    cases = read_json(REPO / "datasets" / "facts.json")["cases"][:3]
+    cases = read_json(FACTS_FILE)["cases"][:3]
     data.write_text(json.dumps({"name": "three", "cases": cases}))
     assert [c["subject"] for c in cases].count("France") == 1
     code = main(["run", "--editor", "test-index-error", *QUIET, "--dataset", str(data), "--output", str(out),
@@ -170,7 +158,7 @@ def test_a_run_whose_every_case_failed_exits_1_with_why(tmp_path, cache, one_thr
 
 
 def test_overlong_prompt_is_rejected_at_load_and_the_others_run(tmp_path, cache, one_thread, capsys):
-    cases = read_json(REPO / "datasets" / "facts.json")["cases"][:3]
+    cases = read_json(FACTS_FILE)["cases"][:3]
     cases[1] = dict(cases[1], paraphrases=[" ".join(["word"] * 5000)])
     data = tmp_path / "long.json"
     data.write_text(json.dumps({"name": "long", "cases": cases}))
@@ -187,12 +175,6 @@ def test_overlong_prompt_is_rejected_at_load_and_the_others_run(tmp_path, cache,
 
 
 # --- run states, interrupts and the leaderboard ----------------------------------------------------
-
-def bench_process(args: list[str], cache_root: Path) -> subprocess.Popen:
-    env = dict(os.environ, KEBENCH_CACHE=str(cache_root), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
 
 def wait_for_cases(out: Path, n: int, process: subprocess.Popen, deadline_s: float = 300) -> Path:
     """The run folder, once its cases.jsonl has at least n lines (the process must still be running)."""
@@ -427,7 +409,7 @@ def bad_yaml(tmp_path: Path, text: str | None) -> str:
     return str(path)
 
 
-FACT = read_json(REPO / "datasets" / "facts.json")["cases"][0]
+FACT = read_json(FACTS_FILE)["cases"][0]
 RUN = ["run", "--editor", "ft-l", *QUIET]
 BAD_INPUTS = {
     # name: (argv builder, words the error line must contain)

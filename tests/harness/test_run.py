@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-from conftest import tiny_rome_hparams
 import torch
 
 from bench.cli import main
 from bench.run import RunConfig, run_case
 from editors.base import EditOutcome, Editor, register, registry
 from lmview.case import EditCase
+from tests.helpers import tiny_rome_hparams
 
-REPO = Path(__file__).resolve().parent.parent
 
 SUMMARY_KEYS = {
     "n_cases", "efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from bench.cli import main
+from tests.helpers import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 def test_rome_on_smollm2_end_to_end(tmp_path, device):
-    hparams = yaml.safe_load((REPO / "editors" / "hparams" / "rome" / "smollm2-135m.yaml").read_text())
+    hparams = yaml.safe_load((REPO_ROOT / "editors" / "hparams" / "rome" / "smollm2-135m.yaml").read_text())
     hparams["mom2_n_samples"] = 100  # a small key-statistics sample keeps the test to minutes
     hp = tmp_path / "rome.yaml"
     hp.write_text(yaml.safe_dump(hparams))

@@ -19,6 +19,7 @@ from editors.base import EditOutcome, Editor, get_editor, load_hparams, register
 from lmview.arch import backup
 from lmview.cache import cache_dir
 from lmview.case import EditCase
+from tests.helpers import no_hparams
 
 TEXTS = ("The river flows north through the valley and reaches the sea after three hundred kilometres.",
          "A short one.",
@@ -290,12 +291,6 @@ def test_sequential_curve_flags_collapse_at_the_first_point_past_ten_times_the_p
     assert [round(p["weights"][0]["delta_norm"] / noise, 4) for p in points[1:]] == [0.0, 0.0, 1.0, 2.0]
     fields = bench.run.final_curve_fields(points)
     assert fields["sequential_collapsed_at"] == 3 and "> 10" in fields["collapse_criterion"]
-
-
-def no_hparams(tmp_path) -> str:
-    path = tmp_path / "none.yaml"
-    path.write_text("# the test editors take no hyperparameters\n")
-    return str(path)
 
 
 def test_cli_sequential_run_writes_curve_and_mode(tmp_path, monkeypatch, device):

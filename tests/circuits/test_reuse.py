@@ -8,7 +8,7 @@ import pytest
 
 from bench.reuse import reuse_report
 from circuits.circuit import Circuit
-from tests.test_heads import write_relation
+from tests.helpers import analysis_report, capitals_root, write_relation
 
 
 def circuit(edges: list[str]) -> Circuit:
@@ -36,23 +36,16 @@ def test_matrix_shared_components_and_kinds_by_hand():
 
 
 def test_reuse_command_on_tiny_gpt2_resumes_from_saved_circuits(tmp_path, one_thread, capsys):
-    from bench.cli import main
-
-    root = tmp_path / "lre"
-    countries = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-                 ("Japan", "Tokyo"), ("Egypt", "Cairo")]
-    write_relation(root / "factual", "capital", "The capital of {} is", countries)
+    root = capitals_root(tmp_path / "lre")
     write_relation(root / "commonsense", "color", "The color of {} is",
                    [("grass", "green"), ("snow", "white"), ("sky", "blue"), ("coal", "black"), ("blood", "red")])
     out = tmp_path / "reuse"
-    argv = ["reuse", "--model", "tiny-gpt2", "--lre-root", str(root), "--known-top-k", "100000", "--n-facts", "4",
-            "--top-n", "30", "--device", "cpu", "--output", str(out)]
-    assert main(argv) == 0
-    report = json.loads((out / "reuse.json").read_text())
+    options = ("--known-top-k", "100000", "--n-facts", "4", "--top-n", "30")
+    report = analysis_report("reuse", "tiny-gpt2", root, out, *options)
     assert report["relations"] == ["capital", "color"] and report["kinds"] == {"capital": "factual", "color": "commonsense"}
     saved = {name: set(json.loads((out / "circuits" / f"{name}.json").read_text())["edges"]) for name in report["relations"]}
     expected = len(saved["capital"] & saved["color"]) / len(saved["capital"] | saved["color"])
     assert report["edge_jaccard"][0][1] == pytest.approx(expected)
     assert (out / "reuse-matrix.png").exists() and (out / "reuse-shared.png").exists()
-    assert main(argv) == 0  # the second run reads the saved circuits
-    assert all("source" in d for d in json.loads((out / "reuse.json").read_text())["circuits"].values())
+    again = analysis_report("reuse", "tiny-gpt2", root, out, *options)  # reads the saved circuits
+    assert all("source" in d for d in again["circuits"].values())

@@ -19,8 +19,8 @@ import pytest
 
 from bench.cli import main
 from bench.sweep import SweepError, import_ray, load_suite
+from tests.helpers import REPO_ROOT, bench_process
 
-REPO = Path(__file__).resolve().parent.parent
 requires_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                   reason="Ray is not installed (optional extra: pip install -e '.[sweep]')")
 
@@ -65,7 +65,7 @@ def test_bad_suites_get_one_error_line(tmp_path, capsys, text, message):
 
 def test_bench_run_does_not_import_ray_and_a_sweep_without_it_says_how_to_install(monkeypatch):
     code = "import sys, bench.cli, bench.run; bench.cli._parser(); assert 'ray' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without the extra sees
     with pytest.raises(SweepError, match=r"pip install -e '\.\[sweep\]'"):
         import_ray()
@@ -84,10 +84,8 @@ def only_run(folder: Path) -> Path:
 
 
 def sweep_process(suite: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, KEBENCH_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "bench", "sweep", str(suite), "--output", str(out), "--workers",
-                             "2", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return bench_process(["sweep", str(suite), "--output", str(out), "--workers", "2", *extra], cache,
+                         start_new_session=True)
 
 
 SUITE = "editors: [ft-l]\nmodels: [tiny-gpt2]\ndatasets: [facts]\nseeds: [{seed}]\nrun: {run}\n"
@@ -112,7 +110,7 @@ def test_sweep_on_two_workers_equals_the_serial_run(tmp_path, cache, one_thread)
     manifest = json.loads((sharded / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["sweep"]["workers"] == 2
     again = subprocess.run([sys.executable, "-m", "bench", "sweep", str(suite), "--output", str(tmp_path / "sweep")],
-                           cwd=REPO, env=dict(os.environ, KEBENCH_CACHE=str(cache)), capture_output=True, text=True,
+                           cwd=REPO_ROOT, env=dict(os.environ, KEBENCH_CACHE=str(cache)), capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0 and "(already complete)" in again.stdout and "Ray" not in again.stderr
 

@@ -20,11 +20,11 @@ from bench.data.knowedit import load_knowedit
 from bench.data.mquake import load_mquake
 from bench.data.zsre import load_zsre
 from lmview.case import DatasetError, EditCase, validate_case
+from tests.helpers import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-ZSRE_SAMPLE = SHARED / "zsre" / "zsre_mend_train-1k.json"
-LRE_CAPITALS = SHARED / "lre" / "factual" / "country_capital_city.json"
-LRE_INSTRUMENTS = SHARED / "lre" / "factual" / "person_plays_instrument.json"
+ZSRE_SAMPLE = SHARED_DATA / "zsre" / "zsre_mend_train-1k.json"
+LRE_CAPITALS = SHARED_DATA / "lre" / "factual" / "country_capital_city.json"
+LRE_INSTRUMENTS = SHARED_DATA / "lre" / "factual" / "person_plays_instrument.json"
 
 needs_zsre = pytest.mark.skipif(not ZSRE_SAMPLE.is_file(), reason=f"zsRE sample not available at {ZSRE_SAMPLE}")
 needs_lre = pytest.mark.skipif(not LRE_CAPITALS.is_file(), reason=f"LRE relations not available at {LRE_CAPITALS}")

@@ -18,7 +18,7 @@ from lmview.corpus import CorpusError, load_corpus
 from lmview.models import ModelBundle, load_model
 from lmview.tokens import build_batch, prompt_ids, target_logprobs
 
-from conftest import write_pseudo_corpus
+from tests.helpers import write_pseudo_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,28 +24,7 @@ from circuits.exact import exact_edge_scores, exact_node_scores
 from circuits.graph import Graph
 from circuits.metrics import Metric, corrupted_answers
 from circuits.selection import greedy_edges, node_circuit, prune, select_edges, threshold_edges
-
-PROMPTS = ("The capital of France is", "The official language of Germany is the", "Paris is in")
-
-
-def rows_of(bundle, prompts=PROMPTS) -> list[tuple[list[int], list[int], int]]:
-    """Each prompt with two tokens swapped for others (a stand-in for another subject), answer ' Paris'."""
-    tok = bundle.tokenizer
-    answer = tok(" Paris", add_special_tokens=False).input_ids[0]
-    rows = []
-    for text in prompts:
-        ids = tok(text).input_ids
-        corrupt = list(ids)
-        corrupt[len(ids) - 2] = (ids[len(ids) - 2] + 11) % len(tok)
-        corrupt[0] = (ids[0] + 5) % len(tok)
-        rows.append((ids, corrupt, answer))
-    return rows
-
-
-def batch_of(bundle, rows=None, padding_side="right", corrupt_answers=None) -> PairBatch:
-    rows = rows if rows is not None else rows_of(bundle)
-    return PairBatch.from_rows(rows, bundle.tokenizer.pad_token_id, bundle.device, padding_side, corrupt_answers)
-
+from tests.helpers import circuit_batch, circuit_rows
 
 def graph_of(bundle, kind: str = "ungrouped") -> Graph:
     return Graph.of(bundle.arch, kind)
@@ -122,7 +101,7 @@ def _port_directional_derivative(bundle, batch, layer: int, port: str, index: in
 def test_gqa_receiver_scores_equal_their_projection_derivatives(tiny_model):
     """A grouped k (or v) receiver's EAP column is the derivative through that group's shared projection."""
     bundle = tiny_model
-    g, batch = graph_of(bundle, "grouped"), batch_of(bundle)
+    g, batch = graph_of(bundle, "grouped"), circuit_batch(bundle)
     scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, g, batch)
     layer = 1
     checks = [("q", 1, g.q_index(layer, 1)), ("k", g.n_kv_heads - 1, g.k_index(layer, g.n_kv_heads - 1)),
@@ -158,7 +137,7 @@ def test_ungrouped_receiver_scores_equal_derivatives_in_an_independent_multi_hea
     bundle = tiny_model
     if bundle.arch.n_kv_heads == bundle.arch.n_heads:
         pytest.skip("no grouped-query attention: the two graphs are the same")
-    g, batch = graph_of(bundle), batch_of(bundle)
+    g, batch = graph_of(bundle), circuit_batch(bundle)
     assert g.kind == "ungrouped" and g.n_kv_heads == bundle.arch.n_heads
     scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, g, batch)
     mha = multi_head_copy(bundle)
@@ -217,7 +196,7 @@ def test_closed_form_norm_vjp_matches_autograd(tiny_model):
 def test_eap_scores_equal_with_the_autograd_norm_vjp(tiny_model, monkeypatch):
     """The closed-form path and the autograd fallback (any other norm) give the same edge scores."""
     bundle = tiny_model
-    g, batch, bridge = graph_of(bundle), batch_of(bundle), bundle.bridge()
+    g, batch, bridge = graph_of(bundle), circuit_batch(bundle), bundle.bridge()
     args = (bridge, bundle.model, bundle.arch, g, batch)
     closed = eap_ig_scores(*args, steps=2)
     monkeypatch.setattr(attribute_module, "norm_parameters", lambda norm: None)
@@ -265,7 +244,7 @@ def test_eap_total_equals_directional_derivative(tiny_model, metric):
     """No edge double-counted or missed: the sum over all edges equals the sum of all receivers' derivatives."""
     bundle = tiny_model
     g = graph_of(bundle)
-    batch = batch_of(bundle, corrupt_answers=[7, 8, 9])
+    batch = circuit_batch(bundle, corrupt_answers=[7, 8, 9])
     scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, g, batch, metric=metric)
     expected = _all_receivers_directional_derivative(bundle, batch, Metric(metric, torch.tensor([7, 8, 9])))
     assert scores.sum().item() == pytest.approx(expected, rel=1e-3, abs=1e-5)
@@ -277,7 +256,7 @@ def test_eap_total_equals_directional_derivative(tiny_model, metric):
 
 def test_eap_and_eap_ig_track_exact_patching(tiny_model):
     bundle = tiny_model
-    g, batch, bridge = graph_of(bundle), batch_of(bundle), bundle.bridge()
+    g, batch, bridge = graph_of(bundle), circuit_batch(bundle), bundle.bridge()
     args = (bridge, bundle.model, bundle.arch, g, batch)
     exact = exact_edge_scores(*args)[g.edge_mask].cpu().numpy()
     rho = {}
@@ -296,7 +275,7 @@ def test_eap_and_eap_ig_track_exact_patching(tiny_model):
 def test_eap_ig_with_many_steps_matches_a_hand_riemann_sum(tiny_model):
     """EAP-IG's input interpolation, recomputed for one receiver (the logits) with plain HF hooks."""
     bundle = tiny_model
-    g, batch = graph_of(bundle), batch_of(bundle)
+    g, batch = graph_of(bundle), circuit_batch(bundle)
     model, steps = bundle.model, 3
     scores = eap_ig_scores(bundle.bridge(), model, bundle.arch, g, batch, steps=steps)
     emb = model.get_input_embeddings()
@@ -346,7 +325,7 @@ def _attention_output_biases(bundle) -> torch.Tensor:
 @pytest.mark.parametrize("ablation", ["corrupted", "mean", "zero"])
 def test_faithfulness_one_with_all_edges_zero_with_none(tiny_model, ablation):
     bundle = tiny_model
-    g, batch, bridge = graph_of(bundle), batch_of(bundle), bundle.bridge()
+    g, batch, bridge = graph_of(bundle), circuit_batch(bundle), bundle.bridge()
     everything = torch.ones(g.n_upstream, g.n_receivers, dtype=torch.bool)
     full = circuit_metrics(bridge, bundle.model, bundle.arch, g, batch, everything, ablation=ablation)
     empty = circuit_metrics(bridge, bundle.model, bundle.arch, g, batch, ~everything, ablation=ablation)
@@ -374,7 +353,7 @@ def test_faithfulness_one_with_all_edges_zero_with_none(tiny_model, ablation):
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_eap_under_mean_and_zero_ablation_tracks_exact(tiny_model, ablation):
     bundle = tiny_model
-    g, batch, bridge = graph_of(bundle), batch_of(bundle), bundle.bridge()
+    g, batch, bridge = graph_of(bundle), circuit_batch(bundle), bundle.bridge()
     args = (bridge, bundle.model, bundle.arch, g, batch)
     edges = g.edge_mask.nonzero()[torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(1))[:60]]
     exact = exact_edge_scores(*args, ablation=ablation, edges=edges)[edges[:, 0], edges[:, 1]]
@@ -391,11 +370,11 @@ def test_eap_under_mean_and_zero_ablation_tracks_exact(tiny_model, ablation):
 @pytest.mark.parametrize("method", ["eap", "eap-ig"])
 def test_padded_batch_scores_equal_the_sum_of_single_prompts(tiny_model, padding_side, method):
     bundle = tiny_model
-    g, bridge, rows = graph_of(bundle), bundle.bridge(), rows_of(bundle)
-    batch = batch_of(bundle, rows, padding_side)
+    g, bridge, rows = graph_of(bundle), bundle.bridge(), circuit_rows(bundle)
+    batch = circuit_batch(bundle, rows, padding_side)
     assert (batch.attention_mask == 0).any()
     together = attribute(bridge, bundle.model, bundle.arch, g, batch, method, steps=3)
-    alone = sum(attribute(bridge, bundle.model, bundle.arch, g, batch_of(bundle, [row]), method, steps=3) for row in rows)
+    alone = sum(attribute(bridge, bundle.model, bundle.arch, g, circuit_batch(bundle, [row]), method, steps=3) for row in rows)
     torch.testing.assert_close(together, alone, rtol=1e-3, atol=1e-5)
 
 
@@ -405,7 +384,7 @@ def test_padded_batch_scores_equal_the_sum_of_single_prompts(tiny_model, padding
 def test_exact_node_score_equals_replacing_the_module_output(tiny_model):
     """Node level: ablating all of an MLP's outgoing edges = replacing its output (plain HF forward hook)."""
     bundle = tiny_model
-    g, batch, bridge = graph_of(bundle), batch_of(bundle), bundle.bridge()
+    g, batch, bridge = graph_of(bundle), circuit_batch(bundle), bundle.bridge()
     layer = 1
     nodes = exact_node_scores(bridge, bundle.model, bundle.arch, g, batch)
     mlp = bundle.arch.blocks(bundle.model)[layer].mlp
@@ -429,7 +408,7 @@ def test_exact_node_score_equals_replacing_the_module_output(tiny_model):
 
 def test_node_level_discovery(tiny_model):
     bundle = tiny_model
-    batch = batch_of(bundle)
+    batch = circuit_batch(bundle)
     c = discover(bundle.bridge(), bundle.model, bundle.arch, batch, " Paris", top_n=3, level="node")
     heads_and_mlps = [n for n in c.node_scores if n != "input"]
     kept = [n for n in c.nodes if n in heads_and_mlps]
@@ -509,7 +488,7 @@ def test_prune_drops_edges_off_input_to_logits_paths():
 @pytest.mark.parametrize("method", ["eap", "eap-ig-activations"])  # eap-ig (inputs) needs corrupted patching
 def test_discover_records_its_choices_and_round_trips(tiny_model, method, tmp_path):
     bundle = tiny_model
-    batch = batch_of(bundle)
+    batch = circuit_batch(bundle)
     c = discover(bundle.bridge(), bundle.model, bundle.arch, batch, " Paris", top_n=20, method=method,
                  metric="match-nll", ablation="mean", selection="greedy", prune_dead=True)
     assert (c.method, c.metric, c.ablation, c.selection, c.level) == (method, "match-nll", "mean", "greedy", "edge")
@@ -533,7 +512,7 @@ def test_ungrouped_patching_of_a_whole_group_equals_grouped_patching(tiny_model)
     bundle = tiny_model
     if bundle.arch.n_kv_heads == bundle.arch.n_heads:
         pytest.skip("no grouped-query attention: the two graphs are the same")
-    gg, gu, batch = graph_of(bundle, "grouped"), graph_of(bundle), batch_of(bundle)
+    gg, gu, batch = graph_of(bundle, "grouped"), graph_of(bundle), circuit_batch(bundle)
     scores = eap_scores(bundle.bridge(), bundle.model, bundle.arch, gg, batch)
     grouped = select_edges(scores, gg, "top-n", 60)
     expanded = torch.zeros(gu.n_upstream, gu.n_receivers, dtype=torch.bool)

@@ -1,6 +1,6 @@
 """Every relative link (and image) in README.md and docs/*.md points at a file that exists, and every
 `#anchor` names a heading of the target page (GitHub's heading slugs). Repository paths written as inline
-code in the prose (`tests/test_run.py`, `editors/rome.py`) must exist too, so moved files leave no stale
+code in the prose (`tests/harness/test_run.py`, `editors/rome.py`) must exist too, so moved files leave no stale
 pointers; paths with placeholders (`<editor>`, `*`, `{}`) are not checked."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
 
 # [text](target) and ![alt](target); the target ends at whitespace or ')' (an optional "title" follows)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from bench.heads import HeadRules, classify, fact_heads, read_heads
 from bench.tracing import subject_token_range
 from lmview.tokens import prompt_ids, target_ids
+from tests.helpers import analysis_report, write_relation
 
 PROMPT, SUBJECT, ANSWER = "The official language of France is", "France", "French"
 
@@ -85,13 +84,6 @@ def test_classification_rules_by_hand():
     assert got == {"mover": [(0, 0), (0, 1)], "relation": [(1, 0)], "mixture": [(1, 1)]}
 
 
-def write_relation(folder, name: str, template: str, samples: list[tuple[str, str]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {"name": name, "prompt_templates": [template], "prompt_templates_zs": [template],
-            "samples": [{"subject": s, "object": o} for s, o in samples]}
-    (folder / f"{name}.json").write_text(json.dumps(data))
-
-
 @pytest.fixture
 def lre_root(tmp_path):
     root = tmp_path / "lre"
@@ -106,10 +98,8 @@ def test_heads_command_writes_report_and_figures(lre_root, tmp_path, one_thread,
     from bench.cli import main
 
     out = tmp_path / "heads"
-    code = main(["heads", "--model", "tiny-gpt2", "--lre-root", str(lre_root), "--known-top-k", "100000",
-                 "--n-facts", "3", "--device", "cpu", "--output", str(out), "--min-attention", "0.05"])
-    assert code == 0
-    report = json.loads((out / "heads.json").read_text())
+    report = analysis_report("heads", "tiny-gpt2", lre_root, out, "--known-top-k", "100000", "--n-facts", "3",
+                             "--min-attention", "0.05")
     assert set(report["relations"]) == {"country_language", "country_capital"}
     lang = report["relations"]["country_language"]
     assert lang["n_facts"] == 3 and len(lang["per_head"]["attention_subject"]) == 4

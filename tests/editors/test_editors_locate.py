@@ -20,7 +20,7 @@ from lmview.case import EditCase
 from lmview.models import ModelBundle, load_model
 from lmview.tokens import target_ids
 
-from conftest import write_pseudo_corpus
+from tests.helpers import write_pseudo_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
 PACKAGES = ("lmview", "editors", "circuits", "bench")
 # what each package must never import
 FORBIDDEN = {"lmview": ("bench", "editors", "circuits"), "editors": ("bench",), "circuits": ("bench",)}

@@ -14,9 +14,9 @@ import yaml
 
 from editors.base import HPARAMS_DIR
 from editors.keystats import DEFAULT_SAMPLE_SEED
+from tests.helpers import PUBLISHED, REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-TRANSCRIPTIONS = sorted((Path(__file__).parent / "published").glob("*.json"))
+TRANSCRIPTIONS = sorted(PUBLISHED.glob("*.json"))
 MARKER = ": published."  # in the first line of a YAML that claims the published values
 
 # Reference keys with no hyperparameter here, and why. Every other reference key must appear under its own name.
@@ -34,7 +34,7 @@ FIXED_BEHAVIOUR = {"layer_selection": "all", "calculate_objective_value": False}
 
 
 def _ours(doc: dict) -> dict:
-    return yaml.safe_load((ROOT / doc["ours"]).read_text())
+    return yaml.safe_load((REPO_ROOT / doc["ours"]).read_text())
 
 
 @pytest.mark.parametrize("path", TRANSCRIPTIONS, ids=[p.stem for p in TRANSCRIPTIONS])
@@ -42,7 +42,7 @@ def test_published_yaml_matches_reference(path: Path) -> None:
     doc = json.loads(path.read_text())
     assert len(doc["source"]["commit"]) == 40 and doc["source"]["path"].startswith("hparams/")
     ours = _ours(doc)
-    assert MARKER in (ROOT / doc["ours"]).read_text().splitlines()[0]
+    assert MARKER in (REPO_ROOT / doc["ours"]).read_text().splitlines()[0]
     for key, value in doc["values"].items():
         if key in NOT_HYPERPARAMETERS:
             continue
@@ -58,7 +58,7 @@ def test_published_yaml_matches_reference(path: Path) -> None:
 
 
 def test_every_published_claim_has_a_transcription() -> None:
-    claimed = {str(p.relative_to(ROOT)) for p in HPARAMS_DIR.glob("*/*.yaml")
+    claimed = {str(p.relative_to(REPO_ROOT)) for p in HPARAMS_DIR.glob("*/*.yaml")
                if MARKER in p.read_text().splitlines()[0]}
     transcribed = {json.loads(p.read_text())["ours"] for p in TRANSCRIPTIONS}
     assert claimed == transcribed
@@ -72,13 +72,13 @@ def test_key_statistics_seed_is_the_reference_one() -> None:
 
 def test_the_transcription_test_can_fail(tmp_path: Path, monkeypatch) -> None:
     """A one-value change in our YAML is caught (ROME gpt2-medium's clamp 3 written as 4)."""
-    doc = json.loads((Path(__file__).parent / "published" / "rome-gpt2-medium.json").read_text())
+    doc = json.loads((PUBLISHED / "rome-gpt2-medium.json").read_text())
     changed = {**_ours(doc), "clamp_norm_factor": 4}
     yaml_path = tmp_path / "editors" / "hparams" / "rome" / "gpt2-medium.yaml"
     yaml_path.parent.mkdir(parents=True)
     yaml_path.write_text("# ROME on gpt2-medium: published.\n" + yaml.safe_dump(changed))
     transcription = tmp_path / "t.json"
     transcription.write_text(json.dumps(doc))
-    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    monkeypatch.setitem(globals(), "REPO_ROOT", tmp_path)
     with pytest.raises(AssertionError, match="clamp_norm_factor"):
         test_published_yaml_matches_reference(transcription)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import tiny_rome_hparams
 import torch
 
 from bench.cli import main
 from bench.results import summarize
 from bench.scoring import case_target_nll, counterfact_scores
 from lmview.case import EditCase
+from tests.helpers import SHARED_DATA, tiny_rome_hparams
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_COUNTERFACT = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
+SHARED_COUNTERFACT = SHARED_DATA / "counterfact" / "counterfact-val.json"
 
 # --- a word-level tokenizer and a bigram "model" whose next-token probabilities are set by hand -------------
 
