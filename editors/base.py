@@ -33,6 +33,13 @@ class EditOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def per_case_outcome(layer: int, per_case: list[dict[str, float]], **extra: Any) -> EditOutcome:
+    """The outcome of cases edited one at a time at one layer: each statistic's mean over the cases, then
+    `extra`."""
+    means = {k: sum(s[k] for s in per_case) / len(per_case) for k in per_case[0]} if per_case else {}
+    return EditOutcome(layers=[layer], stats={**means, **extra})
+
+
 class Editor:
     """Changes the HF model's weights in place so that the cases' prompts yield target_new."""
 

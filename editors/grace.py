@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editors.base import EditOutcome, Editor, EditorError
+from editors.base import EditOutcome, Editor, EditorError, per_case_outcome
 from editors.ft import target_nll
 from editors.settings import Hparams, setting
 from lmview.tokens import TargetBatch, build_batch
@@ -224,8 +224,5 @@ class Grace(Editor, hparams=GraceHparams):
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         self._install()
         per_case = [self.edit_one(case) for case in cases]
-        stats: dict[str, Any] = {k: sum(s[k] for s in per_case) / len(per_case) for k in per_case[0]} \
-            if per_case else {}
         assert self.codebook is not None
-        stats.update(n_cases=len(cases), codebook_size=len(self.codebook))
-        return EditOutcome(layers=[self.layer], stats=stats)
+        return per_case_outcome(self.layer, per_case, n_cases=len(cases), codebook_size=len(self.codebook))

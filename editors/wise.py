@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from editors._locate import context_prefixes
-from editors.base import EditOutcome, Editor, EditorError
+from editors.base import EditOutcome, Editor, EditorError, per_case_outcome
 from editors.ft import norm_radius
 from editors.grace import original_module
 from editors.keystats import HELDOUT_TAIL
@@ -444,9 +444,7 @@ class Wise(Editor, hparams=WiseHparams):
     def apply(self, cases: list[EditCase]) -> EditOutcome:
         self._install()
         per_case = [self.edit_one(case) for case in cases]
-        stats: dict[str, Any] = {k: sum(s[k] for s in per_case) / len(per_case) for k in per_case[0]} \
-            if per_case else {}
-        assert self.memories is not None
-        stats.update(n_cases=len(cases), n_edits=self.memories.n_edits, saved_shards=len(self.memories.saved),
-                     has_merged=float(self.memories.merged is not None))
-        return EditOutcome(layers=[self.layer], stats=stats)
+        mem = self.memories
+        assert mem is not None
+        return per_case_outcome(self.layer, per_case, n_cases=len(cases), n_edits=mem.n_edits,
+                                saved_shards=len(mem.saved), has_merged=float(mem.merged is not None))
