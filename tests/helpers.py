@@ -94,6 +94,21 @@ def circuit_batch(bundle, rows=None, padding_side: str = "right", corrupt_answer
     return PairBatch.from_rows(rows, bundle.tokenizer.pad_token_id, bundle.device, padding_side, corrupt_answers)
 
 
+def assert_bridge_predicts(bundle, prompt: str, token_id: int) -> None:
+    """The TransformerBridge (what circuit discovery runs) predicts token_id after prompt, and its last-token
+    logits are the Hugging Face model's to 1e-4: an edit in the HF modules is seen through the bridge."""
+    import torch
+
+    from lmview.tokens import prompt_ids
+
+    ids = torch.tensor([prompt_ids(bundle.tokenizer, prompt)])
+    with torch.no_grad():
+        hf = bundle.model(input_ids=ids).logits[0, -1]
+        bridged = bundle.bridge()(ids)[0, -1]
+    assert int(bridged.argmax()) == token_id
+    assert torch.allclose(hf, bridged, atol=1e-4)
+
+
 # --- the CLI ----------------------------------------------------------------------------------------
 
 def analysis_report(command: str, model: str, lre_root: Path, out: Path, *options: str) -> dict[str, Any]:

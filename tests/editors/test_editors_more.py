@@ -15,6 +15,7 @@ from editors.kn import coarse_neurons, integrated_gradients, refine
 from lmview.case import EditCase
 from lmview.models import ModelBundle, load_model
 from lmview.tokens import build_batch, next_token_logprobs, prompt_ids, target_ids
+from tests.helpers import assert_bridge_predicts
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 
@@ -275,13 +276,9 @@ def test_grace_is_seen_through_the_bridge(boot_bridge_first: bool) -> None:
         bundle.bridge()
     editor, case, new_id = _grace_setup(bundle)
     editor.apply([case])
-    ids = torch.tensor([prompt_ids(bundle.tokenizer, case.rewrite_prompt)])
-    with torch.no_grad():
-        hf = bundle.model(input_ids=ids).logits[0, -1]
-        bridged = bundle.bridge()(ids)[0, -1]
-    assert int(bridged.argmax()) == new_id
-    assert torch.allclose(hf, bridged, atol=1e-4)
+    assert_bridge_predicts(bundle, case.rewrite_prompt, new_id)
     editor.undo()
+    ids = torch.tensor([prompt_ids(bundle.tokenizer, case.rewrite_prompt)])
     with torch.no_grad():
         assert int(bundle.bridge()(ids)[0, -1].argmax()) != new_id
 

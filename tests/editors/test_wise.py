@@ -19,6 +19,7 @@ from editors.wise import (UpperForward, activation_scores, gradient_mask, margin
 from lmview.case import EditCase
 from lmview.models import ModelBundle, load_model
 from lmview.tokens import next_token_logprobs, prompt_ids, target_ids
+from tests.helpers import assert_bridge_predicts
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 
@@ -265,12 +266,7 @@ def test_routing_is_seen_through_the_bridge(tmp_path):
     case = a_case("France", "Paris", single_token_word(bundle))
     new_id = target_ids(bundle.tokenizer, case.target_new)[0]
     editor.apply([case])
-    ids = torch.tensor([prompt_ids(bundle.tokenizer, case.rewrite_prompt)])
-    with torch.no_grad():
-        hf = bundle.model(input_ids=ids).logits[0, -1]
-        bridged = bundle.bridge()(ids)[0, -1]
-    assert int(bridged.argmax()) == new_id
-    assert torch.allclose(hf, bridged, atol=1e-4)
+    assert_bridge_predicts(bundle, case.rewrite_prompt, new_id)
     editor.undo()
 
 
