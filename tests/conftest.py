@@ -1,12 +1,12 @@
-"""Pytest fixtures and options: tiny models of both architectures, the device under test, one thread, and
-a model cache per module. Plain helpers are in tests/helpers.py."""
+"""Pytest fixtures and options: tiny models of both architectures (one per test, or both per module), the
+device under test, one thread, and a model cache per module. Plain helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmview.models import load_model
+from lmview.models import ModelBundle, load_model
 
 
 def pytest_addoption(parser):
@@ -21,6 +21,12 @@ def device(request) -> str:
 @pytest.fixture(scope="session", params=["tiny-gpt2", "tiny-llama"])
 def tiny_model(request, device):
     return load_model(request.param, device=device)
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> dict[str, ModelBundle]:
+    """Fresh tiny models of both architectures, by name, shared by one module's tests."""
+    return {name: load_model(name, "cpu") for name in ("tiny-gpt2", "tiny-llama")}
 
 
 @pytest.fixture(scope="module")

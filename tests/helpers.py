@@ -49,6 +49,19 @@ def tiny_rome_hparams(folder: Path, topic: str, model: str = "tiny-gpt2") -> Pat
     return path
 
 
+def locate_hparams(editor: str, bundle, corpus: Path, **extra: Any) -> dict[str, Any]:
+    """The editor's shipped hyperparameters for `bundle`, with key statistics from 40 texts of `corpus`."""
+    from editors.base import load_hparams
+
+    hp, _ = load_hparams(editor, bundle.name, bundle.arch.family)
+    return {**hp, "mom2_dataset": str(corpus), "mom2_n_samples": 40, **extra}
+
+
+def mlp_out_weight(bundle, layer: int):
+    """A float64 copy of the layer's MLP output matrix (what locate-then-edit editors rewrite)."""
+    return bundle.arch.mlp_out_matrix(bundle.model, layer).detach().double().clone()
+
+
 def no_hparams(folder: Path) -> str:
     """A hyperparameter file with no keys, for the editors that take none."""
     path = folder / "none.yaml"

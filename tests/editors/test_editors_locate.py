@@ -13,14 +13,14 @@ from bench.run import restore
 from editors import keystats
 from editors._locate import (LocateHparams, ShiftedForward, context_prefixes, keys_and_residual, optimise_shift,
                              subject_rows, weight_decay_term)
-from editors.base import EditorError, get_editor, load_hparams
+from editors.base import EditorError, get_editor
 from editors.emmet import emmet_update
 from lmview.arch import backup
 from lmview.case import EditCase
-from lmview.models import ModelBundle, load_model
+from lmview.models import ModelBundle
 from lmview.tokens import target_ids
 
-from tests.helpers import write_pseudo_corpus
+from tests.helpers import locate_hparams, mlp_out_weight, write_pseudo_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 
@@ -38,22 +38,8 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_pseudo_corpus(tmp_path_factory.mktemp("corpus"), 80)
 
 
-@pytest.fixture(scope="module")
-def models() -> dict[str, ModelBundle]:
-    return {name: load_model(name, "cpu") for name in TINY}
-
-
-def _hparams(editor: str, bundle: ModelBundle, corpus: Path, **extra) -> dict:
-    hp, _ = load_hparams(editor, bundle.name, bundle.arch.family)
-    return {**hp, "mom2_dataset": str(corpus), "mom2_n_samples": 40, **extra}
-
-
 def _cov(bundle: ModelBundle, layer: int, hp: dict) -> torch.Tensor:
     return keystats.second_moment(bundle, layer, hp["mom2_dataset"], hp["mom2_n_samples"], hp["mom2_max_len"]).double()
-
-
-def _w(bundle: ModelBundle, layer: int) -> torch.Tensor:
-    return bundle.arch.mlp_out_matrix(bundle.model, layer).detach().double().clone()
 
 
 def _apply_and_restore(bundle: ModelBundle, editor, cases: list[EditCase]) -> dict[int, torch.Tensor]:
@@ -61,9 +47,9 @@ def _apply_and_restore(bundle: ModelBundle, editor, cases: list[EditCase]) -> di
     names = editor.parameters_to_touch(cases)
     saved = backup(bundle.model, names)
     layers = editor.layers if hasattr(editor, "layers") else [editor.layer]
-    before = {layer: _w(bundle, layer) for layer in layers}
+    before = {layer: mlp_out_weight(bundle, layer) for layer in layers}
     editor.apply(cases)
-    deltas = {layer: _w(bundle, layer) - before[layer] for layer in layers}
+    deltas = {layer: mlp_out_weight(bundle, layer) - before[layer] for layer in layers}
     restore(bundle.model, saved)  # raises unless bitwise equal
     editor.undo()
     return deltas
@@ -100,9 +86,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- the shared machinery ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name", TINY)
-def test_shifted_forward_matches_full_forward(models, name: str) -> None:
+def test_shifted_forward_matches_full_forward(tiny_models, name: str) -> None:
     """Starting from the cached residual after `layer` gives the logits of the whole hooked model."""
-    bundle = models[name]
+    bundle = tiny_models[name]
     fwd = ShiftedForward(bundle, 1, subject_rows(bundle, CASES[0], context_prefixes(bundle, [[5, 2]])))
     delta = torch.randn(bundle.arch.d_model, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(fwd.logits(torch.zeros_like(delta)), fwd.logits0, atol=1e-5)
@@ -135,15 +121,15 @@ def _mlp_out_at_bare(bundle: ModelBundle, layer: int, case: EditCase) -> torch.T
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_rome_published_update_and_rrome_fix(models, corpus_file: Path, name: str) -> None:
+def test_rome_published_update_and_rrome_fix(tiny_models, corpus_file: Path, name: str) -> None:
     """rome: a transcription of rome compute_u.py / compute_v.py / rome_main.py on the same tensors:
     u = C⁻¹k*/‖C⁻¹k*‖, right = (target − cur_output)/(k_bare·u) with target − cur_output = δ, ΔW = right uᵀ.
     r-rome: ΔW = (W k_bare + δ − W k*)(C⁻¹k*)ᵀ/((C⁻¹k*)ᵀk*); with enable_random_prefix_keys false, rome's.
     k* and k_bare come from plain hooks; δ from the editor (the optimisation is shared and deterministic)."""
-    bundle, case = models[name], CASES[0]
-    hp = _hparams("r-rome", bundle, corpus_file)
-    rome = get_editor("rome")(bundle, _hparams("rome", bundle, corpus_file))
-    layer, w = rome.layer, _w(bundle, rome.layer)
+    bundle, case = tiny_models[name], CASES[0]
+    hp = locate_hparams("r-rome", bundle, corpus_file)
+    rome = get_editor("rome")(bundle, locate_hparams("rome", bundle, corpus_file))
+    layer, w = rome.layer, mlp_out_weight(bundle, rome.layer)
     k_rows = _prefixed_keys(bundle, layer, case, rome.prefixes())
     k_star, k_bare = k_rows.mean(0), k_rows[0]
     d_rome = _apply_and_restore(bundle, rome, [case])[layer]
@@ -166,11 +152,11 @@ def test_rome_published_update_and_rrome_fix(models, corpus_file: Path, name: st
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_v0_is_the_mlp_output_with_bias(models, corpus_file: Path, name: str) -> None:
+def test_v0_is_the_mlp_output_with_bias(tiny_models, corpus_file: Path, name: str) -> None:
     """compute_v.py's target_init: the MLP output at the bare prompt, c_proj bias included (GPT-2; the
     random-init bias is zero, so a non-zero one is set for the test)."""
-    bundle, case = models[name], CASES[0]
-    rome = get_editor("rome")(bundle, _hparams("rome", bundle, corpus_file))
+    bundle, case = tiny_models[name], CASES[0]
+    rome = get_editor("rome")(bundle, locate_hparams("rome", bundle, corpus_file))
     bias = bundle.arch.mlp_out_proj(bundle.model, rome.layer).bias
     assert (bias is None) == (name == "tiny-llama")
     saved = None if bias is None else bias.detach().clone()
@@ -181,7 +167,7 @@ def test_v0_is_the_mlp_output_with_bias(models, corpus_file: Path, name: str) ->
         _apply_and_restore(bundle, rome, [case])
         v0, k_bare = rome.history[-1].v0.double(), _bare_key(bundle, rome.layer, case)
         assert _rel(v0, _mlp_out_at_bare(bundle, rome.layer, case)) < 1e-5
-        plain = _w(bundle, rome.layer) @ k_bare
+        plain = mlp_out_weight(bundle, rome.layer) @ k_bare
         if bias is not None:
             assert _rel(v0, plain + bias.double()) < 1e-5
             assert _rel(v0, plain) > 1e-1  # W k alone would be another v0
@@ -194,12 +180,12 @@ def test_v0_is_the_mlp_output_with_bias(models, corpus_file: Path, name: str) ->
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_grouped_keys_against_independent_computation(models, corpus_file: Path, name: str) -> None:
+def test_grouped_keys_against_independent_computation(tiny_models, corpus_file: Path, name: str) -> None:
     """MEMIT's keys: the mean within the bare group and each prefix-length group, then over the groups
     (memit compute_ks.py), from plain hooks; not the flat mean over all prefixes."""
-    bundle, case = models[name], CASES[3]
+    bundle, case = tiny_models[name], CASES[3]
     params = [[5, 2], [10, 3]]
-    memit = get_editor("memit")(bundle, _hparams("memit", bundle, corpus_file, context_template_length_params=params))
+    memit = get_editor("memit")(bundle, locate_hparams("memit", bundle, corpus_file, context_template_length_params=params))
     prefixes = memit.prefixes()
     assert len(prefixes) == 6
     rows = _prefixed_keys(bundle, 1, case, prefixes)
@@ -210,19 +196,19 @@ def test_grouped_keys_against_independent_computation(models, corpus_file: Path,
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_memit_batch_of_one_is_sherman_morrison(models, corpus_file: Path, name: str) -> None:
+def test_memit_batch_of_one_is_sherman_morrison(tiny_models, corpus_file: Path, name: str) -> None:
     """One layer, one request: ΔW = δ kᵀ(λC + kkᵀ)⁻¹ = δ (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k), with k the grouped key from
     plain hooks and δ the one ROME finds at the same layer (decay and clamp off: their reference norms differ)."""
-    bundle, case = models[name], CASES[1]
+    bundle, case = tiny_models[name], CASES[1]
     same = {"v_weight_decay": 0.0, "clamp_norm_factor": 1e6, "context_template_length_params": [[10, 5]]}
-    rome = get_editor("rome")(bundle, _hparams("rome", bundle, corpus_file, **same))
+    rome = get_editor("rome")(bundle, locate_hparams("rome", bundle, corpus_file, **same))
     layer = rome.layer
     _apply_and_restore(bundle, rome, [case])
     delta = rome.history[-1].delta.double()
     rows = _prefixed_keys(bundle, layer, case, rome.prefixes())
     k = (rows[0] + rows[1:].mean(0)) / 2
     for weight in (50.0, 1e-9):
-        hp = _hparams("memit", bundle, corpus_file, layers=[layer], mom2_update_weight=weight, **same)
+        hp = locate_hparams("memit", bundle, corpus_file, layers=[layer], mom2_update_weight=weight, **same)
         d_memit = _apply_and_restore(bundle, get_editor("memit")(bundle, hp), [case])[layer]
         cinv_k = torch.linalg.solve(_cov(bundle, layer, hp), k)
         # 1e-3: both read the keys in float32 from different batches, and C⁻¹ (condition ~1e4) amplifies that
@@ -230,11 +216,11 @@ def test_memit_batch_of_one_is_sherman_morrison(models, corpus_file: Path, name:
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_memit_least_squares_and_residual_spread(models, corpus_file: Path, name: str) -> None:
+def test_memit_least_squares_and_residual_spread(tiny_models, corpus_file: Path, name: str) -> None:
     """Each layer's ΔW solves the normal equations ΔW (λC + KKᵀ) = R Kᵀ (independent scipy solve),
     ΔW is what was added to the weights, and R_l = (z − h_current) / (layers left)."""
-    bundle = models[name]
-    hp = _hparams("memit", bundle, corpus_file, mom2_update_weight=30.0)
+    bundle = tiny_models[name]
+    hp = locate_hparams("memit", bundle, corpus_file, mom2_update_weight=30.0)
     editor = get_editor("memit")(bundle, hp)
     cases = CASES[:3]
     prefixes = editor.prefixes()
@@ -253,14 +239,14 @@ def test_memit_least_squares_and_residual_spread(models, corpus_file: Path, name
 # --- emmet ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", TINY)
-def test_emmet_equality_constraints(models, corpus_file: Path, name: str) -> None:
+def test_emmet_equality_constraints(tiny_models, corpus_file: Path, name: str) -> None:
     """With emmet_lambda 0 the batch's constraints hold exactly: (W + ΔW) k_i = W k_i + r_i at every layer."""
-    bundle = models[name]
-    editor = get_editor("emmet")(bundle, _hparams("emmet", bundle, corpus_file, emmet_lambda=0.0))
+    bundle = tiny_models[name]
+    editor = get_editor("emmet")(bundle, locate_hparams("emmet", bundle, corpus_file, emmet_lambda=0.0))
     _apply_and_restore(bundle, editor, CASES[:4])
     for step in editor.last_steps:
         assert _rel(step.delta_w @ step.keys, step.resid) < 1e-6
-    memit = get_editor("memit")(bundle, _hparams("memit", bundle, corpus_file))
+    memit = get_editor("memit")(bundle, locate_hparams("memit", bundle, corpus_file))
     _apply_and_restore(bundle, memit, CASES[:4])  # MEMIT's least squares does not meet them
     assert _rel(memit.last_steps[0].delta_w @ memit.last_steps[0].keys, memit.last_steps[0].resid) > 1e-2
 
@@ -268,20 +254,20 @@ def test_emmet_equality_constraints(models, corpus_file: Path, name: str) -> Non
 # --- alphaedit --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", TINY)
-def test_alphaedit_spares_preserved_keys(models, corpus_file: Path, name: str) -> None:
+def test_alphaedit_spares_preserved_keys(tiny_models, corpus_file: Path, name: str) -> None:
     """K₀ = the corpus keys C is built from (N tokens, C = K₀K₀ᵀ/N). The rows of ΔW lie in range(P), so
     ‖ΔW K₀‖²/‖ΔW‖² ≤ N · nullspace_threshold: the paper's guarantee. With the threshold at the bottom 5% of
     C's spectrum, the ratio is below MEMIT's for the same request. It is NOT orders of magnitude below:
     MEMIT's rows ∝ C⁻¹k already favour C's smallest directions, and these C have no spectral gap
     (eigenvalues spread smoothly over ~4 decades), so there is no true null space to hide in."""
-    bundle, case = models[name], CASES[2]
-    hp = _hparams("memit", bundle, corpus_file)
+    bundle, case = tiny_models[name], CASES[2]
+    hp = locate_hparams("memit", bundle, corpus_file)
     memit = get_editor("memit")(bundle, hp)
     d_memit = _apply_and_restore(bundle, memit, [case])
     layer = memit.layers[0]
     eig = torch.linalg.eigvalsh(_cov(bundle, layer, hp))
     threshold = float(eig[len(eig) // 20])
-    alpha = get_editor("alphaedit")(bundle, _hparams("alphaedit", bundle, corpus_file, nullspace_threshold=threshold))
+    alpha = get_editor("alphaedit")(bundle, locate_hparams("alphaedit", bundle, corpus_file, nullspace_threshold=threshold))
     d_alpha = _apply_and_restore(bundle, alpha, [case])
     k0 = _corpus_keys(bundle, layer, keystats.draw_sample(str(corpus_file), hp["mom2_n_samples"]).texts,
                       hp["mom2_max_len"])
@@ -294,10 +280,10 @@ def test_alphaedit_spares_preserved_keys(models, corpus_file: Path, name: str) -
     assert _rel(d_alpha[layer] @ p, d_alpha[layer]) < 1e-6  # rows of ΔW lie in range(P)
 
 
-def test_alphaedit_update_formula_and_memory(models, corpus_file: Path) -> None:
+def test_alphaedit_update_formula_and_memory(tiny_models, corpus_file: Path) -> None:
     """ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + L2 I)⁻¹ (paper eq. 14); K_p accumulates across applies, undo clears it."""
-    bundle = models["tiny-llama"]
-    hp = _hparams("alphaedit", bundle, corpus_file)
+    bundle = tiny_models["tiny-llama"]
+    hp = locate_hparams("alphaedit", bundle, corpus_file)
     editor = get_editor("alphaedit")(bundle, hp)
     saved = backup(bundle.model, editor.parameters_to_touch(CASES))
     editor.apply(CASES[:2])
@@ -316,9 +302,9 @@ def test_alphaedit_update_formula_and_memory(models, corpus_file: Path) -> None:
 
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("editor_name", ["memit", "emmet", "alphaedit"])
-def test_batch_of_ten_and_bitwise_restore(models, corpus_file: Path, name: str, editor_name: str) -> None:
-    bundle = models[name]
-    editor = get_editor(editor_name)(bundle, _hparams(editor_name, bundle, corpus_file))
+def test_batch_of_ten_and_bitwise_restore(tiny_models, corpus_file: Path, name: str, editor_name: str) -> None:
+    bundle = tiny_models[name]
+    editor = get_editor(editor_name)(bundle, locate_hparams(editor_name, bundle, corpus_file))
     assert editor.batched
     everything = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
     names = editor.parameters_to_touch(CASES)
@@ -336,12 +322,12 @@ def test_batch_of_ten_and_bitwise_restore(models, corpus_file: Path, name: str, 
     assert all(torch.equal(p, everything[n]) for n, p in bundle.model.named_parameters())
 
 
-def test_bad_hyperparameters(models, corpus_file: Path) -> None:
-    bundle = models["tiny-gpt2"]
+def test_bad_hyperparameters(tiny_models, corpus_file: Path) -> None:
+    bundle = tiny_models["tiny-gpt2"]
     for bad in ([], [2, 1], [1, 1], [7]):
         with pytest.raises(EditorError):
-            get_editor("memit")(bundle, _hparams("memit", bundle, corpus_file, layers=bad))
-    hp = _hparams("alphaedit", bundle, corpus_file, nullspace_threshold=0.0)
+            get_editor("memit")(bundle, locate_hparams("memit", bundle, corpus_file, layers=bad))
+    hp = locate_hparams("alphaedit", bundle, corpus_file, nullspace_threshold=0.0)
     with pytest.raises(EditorError, match="nullspace_threshold"):
         get_editor("alphaedit")(bundle, hp).apply(CASES[:1])
     with pytest.raises(EditorError, match="missing key 'nullspace_threshold' for alphaedit"):
@@ -371,11 +357,11 @@ def _shifted_logits(bundle: ModelBundle, layer: int, ids: list[int], at: int, de
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_shift_loss_and_steps_by_hand(models, name: str) -> None:
+def test_shift_loss_and_steps_by_hand(tiny_models, name: str) -> None:
     """The returned total loss equals, recomputed with plain forwards for the returned δ:
     mean_j (per-token NLL of target_new after prefix_j + prompt) + kl_factor · KL(P_δ ‖ P_0) at the subject's
     last token of the bare "{s} is a" + v_weight_decay · ‖δ‖/‖v0‖². N steps = N forward passes, N − 1 Adam steps."""
-    bundle, case, layer = models[name], CASES[4], 1
+    bundle, case, layer = tiny_models[name], CASES[4], 1
     tok = bundle.tokenizer
     prefixes = context_prefixes(bundle, [[5, 2]])
     fwd = ShiftedForward(bundle, layer, subject_rows(bundle, case, prefixes))
@@ -404,9 +390,9 @@ def test_shift_loss_and_steps_by_hand(models, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_early_stop_threshold(models, name: str) -> None:
+def test_early_stop_threshold(tiny_models, name: str) -> None:
     """No early stop: N passes and N − 1 steps; a threshold above any finite loss: stop at the first pass."""
-    bundle = models[name]
+    bundle = tiny_models[name]
     fwd = ShiftedForward(bundle, 1, subject_rows(bundle, CASES[5], context_prefixes(bundle, [[5, 2]])))
     base = {"v_num_grad_steps": 6, "v_lr": 0.2, "clamp_norm_factor": 100.0}
     _, full = optimise_shift(fwd, LocateHparams(**base, v_early_stop_loss=-1.0), fwd.values[0])
@@ -432,12 +418,12 @@ def test_emmet_epsilon_only_for_batches() -> None:
     assert _rel(two, expected) < 1e-10 and _rel(two @ k2, r2) > 1e-3
 
 
-def test_alphaedit_drops_keys_of_a_rolled_back_batch(models, corpus_file: Path, monkeypatch) -> None:
+def test_alphaedit_drops_keys_of_a_rolled_back_batch(tiny_models, corpus_file: Path, monkeypatch) -> None:
     """A sequential batch whose weights the run rolls back (here: its update is NaN) leaves K_p as it was;
     a batch that stays is added."""
     import editors.alphaedit as alphaedit_module
-    bundle = models["tiny-gpt2"]
-    editor = get_editor("alphaedit")(bundle, _hparams("alphaedit", bundle, corpus_file))
+    bundle = tiny_models["tiny-gpt2"]
+    editor = get_editor("alphaedit")(bundle, locate_hparams("alphaedit", bundle, corpus_file))
     saved = backup(bundle.model, editor.parameters_to_touch(CASES))
     try:
         editor.apply(CASES[:1])  # stays in the model
