@@ -23,7 +23,7 @@ from lmview.arch import backup
 from lmview.case import EditCase
 from lmview.models import ModelBundle, load_model
 
-from conftest import write_pseudo_corpus
+from tests.helpers import write_pseudo_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cache")
 
