@@ -297,3 +297,27 @@ def test_cli_sequential_wise_run(tmp_path, monkeypatch):
     assert [r["status"] for r in records] == ["ok"] * 4
     assert [r["edit"]["n_edits"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["edit"]["has_merged"] == 1.0
+
+
+def test_routing_leaves_left_padding_out_of_the_score(tmp_path):
+    """The model call's attention mask reaches the routing; padded positions do not count in a prefix's score."""
+    bundle = load_model("tiny-llama", "cpu")
+    editor = wise_for(bundle, tmp_path)
+    case = a_case("France", "Paris", single_token_word(bundle))
+    editor.apply([case])
+    ids = prompt_ids(bundle.tokenizer, case.rewrite_prompt)
+    padded = torch.tensor([[0, 0, 0] + ids])
+    mask = torch.tensor([[0, 0, 0] + [1] * len(ids)])
+    seen = []
+    route = editor.route
+    editor.route = lambda acts, m: seen.append(m) or route(acts, m)
+    with torch.no_grad():
+        bundle.model(input_ids=padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    assert torch.equal(seen[0], mask)
+    mem = editor.memories
+    token_scores = activation_scores(layer_acts(bundle, editor, [0, 0, 0] + ids), mem.shard, mem.main)
+    routed = prefix_mean(token_scores, mask)
+    assert float(routed[0, 3]) == pytest.approx(float(token_scores[0, 3]))  # the first real token: its own score
+    assert float(routed[0, 4]) == pytest.approx(float(token_scores[0, 3:5].mean()))
+    editor.undo()
+    assert editor._mask is None
