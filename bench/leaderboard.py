@@ -30,6 +30,7 @@ from bench.lens import TOP_K, lens_summary
 from bench.plotting import pyplot, save_figure
 from bench.results import (COLLAPSE_CRITERION, FAMILIES, METRICS, ppl_collapsed, read_case_lines, read_cases,
                            summarize)
+from bench.scoring import harmonic_mean
 from lmview.io import read_mapping
 
 # metrics left out of the markdown table (still in JSON and CSV)
@@ -414,10 +415,42 @@ def family_table(rows: list[RunRow], columns: list[Column], first_note: int | No
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+UNEDITED_KEYS = {"ES": "efficacy_score", "PS": "paraphrase_score", "NS": "neighborhood_score"}
+
+
+def unedited_scores(rows: list[RunRow]) -> tuple[dict[str, float], int] | None:
+    """ES, PS, NS (means) and S of the unedited model on the section's cases: each case's pre-edit scores
+    (the same weights for every editor; the first run that has the case gives them), and the case count."""
+    per_case: dict[str, dict[str, float]] = {}
+    for row in rows:
+        cases_path = row.path / "cases.jsonl"
+        for record in read_cases(cases_path) if cases_path.exists() else []:
+            pre = record.get("pre") or {}
+            if record.get("status") == "ok" and all(pre.get(k) is not None for k in UNEDITED_KEYS.values()):
+                per_case.setdefault(str(record.get("case_id")), {k: float(pre[k]) for k in UNEDITED_KEYS.values()})
+    if not per_case:
+        return None
+    means = {label: sum(c[key] for c in per_case.values()) / len(per_case) for label, key in UNEDITED_KEYS.items()}
+    means["S"] = harmonic_mean(list(means.values()))
+    return means, len(per_case)
+
+
+def unedited_line(rows: list[RunRow]) -> list[str]:
+    """One line under the headline: the scores an edit that changes nothing would get (ROME's tables list
+    the unedited model as a row)."""
+    found = unedited_scores(rows) if headline_names(rows) == HEADLINE["counterfact"] else None
+    if found is None:
+        return []
+    means, n = found
+    scores = ", ".join(f"{label} {number(value)}" for label, value in means.items())
+    return [f"Unedited model, the pre-edit scores of the same {n} cases: {scores}. An edit that changes "
+            "nothing keeps NS at this value; ES and PS start from it.", ""]
+
+
 def section_tables(rows: list[RunRow], first_note: int | None = 1) -> list[str]:
     """The headline table, then one table per family (markdown lines)."""
     parts = ["**Headline** (means; counts of records: edited, failed, and loaded / rejected / skipped as "
-             "unknown to the model):", "", headline_table(rows, first_note), ""]
+             "unknown to the model):", "", headline_table(rows, first_note), "", *unedited_line(rows)]
     columns = metric_columns(rows, markdown=True)
     for family in FAMILIES:
         members = [c for c in columns if c.family == family]

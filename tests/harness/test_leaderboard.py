@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.cli import main
-from bench.leaderboard import interval_cell, load_runs, latest_rows, number
+from bench.leaderboard import grouped, interval_cell, latest_rows, load_runs, number, to_markdown
 from bench.results import FAMILIES, bootstrap_interval, harmonic_of_means, summarize
 
 
@@ -314,3 +314,23 @@ def test_a_partial_sequential_run_is_plotted_only_with_include_partial(tmp_path,
         plots = tmp_path / f"plots{len(flag)}"
         assert main(["leaderboard", "--runs", str(runs), "--plots", str(plots), *flag]) == 0
         assert (plots / "m1__facts__sequential.png").exists() == expected
+
+
+def test_the_unedited_models_scores_come_from_the_cases_pre_edit_scores(tmp_path):
+    runs = tmp_path / "runs"
+
+    def case(case_id: str, es: float, ps: float, ns: float) -> dict:
+        row = record(1.0, 1.0, 1.0, 0.01, 0.9, case_id=case_id)
+        row["pre"] = {"p_new": 0.01, "efficacy_score": es, "paraphrase_score": ps, "neighborhood_score": ns}
+        return row
+
+    # two editors on overlapping cases: each case counts once; "c" only in the second run
+    write_run(runs, "r1-rome", "rome", "m1", "counterfact", "2026-01-01T00:00:00",
+              [case("a", 0.0, 0.5, 1.0), case("b", 1.0, 0.0, 0.5)])
+    write_run(runs, "r2-ft", "ft", "m1", "counterfact", "2026-01-01T00:00:00",
+              [case("a", 0.0, 0.5, 1.0), case("c", 0.5, 0.25, 0.0)])
+    text = to_markdown(grouped(latest_rows(load_runs(runs))), None, runs)
+    es, ps, ns = 1.5 / 3, 0.75 / 3, 1.5 / 3
+    s = 3 / (1 / es + 1 / ps + 1 / ns)
+    assert (f"Unedited model, the pre-edit scores of the same 3 cases: ES {es:.2f}, PS {ps:.2f}, NS {ns:.2f}, "
+            f"S {s:.2f}.") in text
