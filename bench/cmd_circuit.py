@@ -5,9 +5,9 @@ evaluation, its setting, and the per-layer view of circuits/layers.py), circuit.
 (matplotlib), circuit.dot (the same figure as Graphviz source) and layers.png.
 
 `--setting kc` is the Knowledge Circuits setting (Yao et al. 2024; the module docs of
-bench/relation_circuits.py and circuits/relation.py): EAP attribution with zero ablation and KC's match_nll
-metric, KC's validation/test split of the first zero-shot template, the circuit's size chosen on the
-validation split.
+bench/relation_circuits.py, circuits/relation.py and circuits/acdc.py): ACDC with threshold 0.01, zero
+ablation and KC's match_nll metric, on KC's validation/test split of the first zero-shot template.
+`--setting kc --method eap` is the labelled variant with EAP, its size chosen on the validation split.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ SETTINGS = ("default", "kc")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.relation_circuits import KC_EXAMPLES
     from circuits.ablation import ABLATIONS
-    from circuits.attribute import METHODS
+    from circuits.acdc import ACDC_THRESHOLD
     from circuits.circuit import DEFAULT_TOP_N
+    from circuits.relation import DISCOVERY_METHODS
     from circuits.metrics import METRICS
     from lmview.models import DEFAULT_MODEL
 
@@ -45,10 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subject", default=None,
                         help="with --prompt: the span to corrupt (default: the last run of capitalised words)")
     parser.add_argument("--setting", default="default", choices=SETTINGS,
-                        help="kc: the Knowledge Circuits setting (eap, zero ablation, match-nll, KC's split of "
-                             f"{KC_EXAMPLES} validation and {KC_EXAMPLES} test prompts; --method/--ablation/--metric "
-                             "make a labelled variant); default: by-subject split")
-    parser.add_argument("--method", default=None, choices=METHODS, help="attribution method (default eap)")
+                        help=f"kc: the Knowledge Circuits setting (acdc at threshold {ACDC_THRESHOLD}, zero ablation, "
+                             f"match-nll, KC's split of {KC_EXAMPLES} validation and {KC_EXAMPLES} test prompts; "
+                             "--method/--ablation/--metric/--acdc-threshold make a labelled variant); default: "
+                             "by-subject split")
+    parser.add_argument("--method", default=None, choices=DISCOVERY_METHODS,
+                        help="discovery: an attribution method (top-n edges) or acdc (default eap; kc: acdc)")
+    parser.add_argument("--acdc-threshold", type=float, default=None,
+                        help=f"with acdc: an edge is removed when the metric rises by less than this (default "
+                             f"{ACDC_THRESHOLD}, KC's)")
     parser.add_argument("--ablation", default=None, choices=ABLATIONS,
                         help="what an edge outside the circuit carries (default corrupted; kc: zero)")
     parser.add_argument("--metric", default=None, choices=METRICS,
@@ -98,7 +104,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("give either --relation NAME|PATH or --prompt \"...\" --answer \"...\"")
     if args.prompt is not None and not args.answer:
         raise ValueError("--prompt needs --answer")
-    if args.top_n is None and args.prompt is not None:
+    acdc = discovery_method(args) == "acdc"
+    if acdc and (args.top_n is not None or args.size_grid is not None):
+        raise ValueError("--top-n and --size-grid do not apply to --method acdc: its threshold sets the size")
+    if args.acdc_threshold is not None and not acdc:
+        raise ValueError("--acdc-threshold needs --method acdc (or --setting kc)")
+    if args.top_n is None and args.prompt is not None and not acdc:
         from circuits.circuit import DEFAULT_TOP_N
 
         args.top_n = DEFAULT_TOP_N
@@ -125,25 +136,35 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--known-top-k must be 0 (keep all) or more")
 
 
-def circuit_setting(args: argparse.Namespace):
-    """The CircuitSetting of the arguments. --setting kc defaults method, ablation and metric to KC's;
-    a flag that changes one of them makes a labelled variant (`setting_variant`)."""
+def _chosen(args: argparse.Namespace) -> dict[str, Any]:
+    return {"method": args.method, "ablation": args.ablation, "metric": args.metric,
+            "acdc_threshold": args.acdc_threshold}
+
+
+def discovery_method(args: argparse.Namespace) -> str:
     from circuits.relation import KC_SETTING, CircuitSetting
 
-    chosen = {"method": args.method, "ablation": args.ablation, "metric": args.metric}
+    return args.method or (KC_SETTING if args.setting == "kc" else CircuitSetting()).method
+
+
+def circuit_setting(args: argparse.Namespace):
+    """The CircuitSetting of the arguments. --setting kc defaults method, ablation, metric and the ACDC
+    threshold to KC's; a flag that changes one of them makes a labelled variant (`setting_variant`)."""
+    from circuits.relation import KC_SETTING, CircuitSetting
+
     base = KC_SETTING if args.setting == "kc" else CircuitSetting()
-    return CircuitSetting(**{k: v if v is not None else getattr(base, k) for k, v in chosen.items()},
+    return CircuitSetting(**{k: v if v is not None else getattr(base, k) for k, v in _chosen(args).items()},
                           shots=args.shots, graph=args.graph)
 
 
 def setting_variant(args: argparse.Namespace) -> list[str]:
-    """Where a --setting kc run departs from KC's method, ablation or metric: ["ablation=mean", ...]."""
+    """Where a --setting kc run departs from KC's method, ablation, metric or threshold: ["method=eap", ...]."""
     from circuits.relation import KC_SETTING
 
     if args.setting != "kc":
         return []
-    chosen = {"method": args.method, "ablation": args.ablation, "metric": args.metric}
-    return [f"{k}={v}" for k, v in chosen.items() if v is not None and v != getattr(KC_SETTING, k)]
+    return [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in _chosen(args).items()
+            if v is not None and v != getattr(KC_SETTING, k)]
 
 
 def _subject_pool() -> list[tuple[str, str]]:
@@ -225,8 +246,9 @@ def main(args: argparse.Namespace) -> int:
     report["seconds"]["total"] = time.perf_counter() - started
     result.circuit.save(out / "circuit.json")
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    title = (f"{bundle.name}: {name}, {setting.method}, {setting.ablation} ablation, "
-             f"top {len(result.circuit.edges)} edges")
+    size = (f"threshold {setting.acdc_threshold:g}, {len(result.circuit.edges)} edges" if setting.method == "acdc"
+            else f"top {len(result.circuit.edges)} edges")
+    title = f"{bundle.name}: {name}, {setting.method}, {setting.ablation} ablation, {size}"
     (out / "circuit.dot").write_text(circuit_dot(result.circuit.edges, title))
     draw_circuit(result.circuit.edges, [out / "circuit.svg", out / "circuit.png"], title)
     plot_layers(view, out / "layers.png", f"{bundle.name}: {name} (test prompts: {view['n_prompts']})")

@@ -32,13 +32,20 @@ class EdgePatcher(SenderCapture):
         super().__init__(graph, arch, model)
         self.corrupt = corrupt
         self.weights = patched_edges.to(corrupt.dtype)  # [n_upstream, n_receivers], 1 = corrupted
+        self.patched = patched_edges.bool().cpu()  # read on the host to pick the senders each receiver needs
         self.outputs = torch.zeros_like(corrupt)
         self.resid: dict[int, torch.Tensor] = {}
         self.embeds: dict[str, torch.Tensor] = {}
 
-    def _patch(self, receivers: slice | list[int]) -> torch.Tensor:
-        """sum_u w[u, r] (corrupted_u - current_u) for each receiver r: [R, B, P, D]."""
-        return torch.einsum("ur,ubpd->rbpd", self.weights[:, receivers], self.corrupt - self.outputs)
+    def _patch(self, receivers: slice) -> torch.Tensor | None:
+        """sum_u w[u, r] (corrupted_u - current_u) for each receiver r: [R, B, P, D]; None when no edge into
+        these receivers is patched. Only the senders with a patched edge into them enter the sum."""
+        senders = self.patched[:, receivers].any(1).nonzero().flatten()
+        if len(senders) == 0:
+            return None
+        senders = senders.to(self.weights.device)
+        return torch.einsum("ur,ubpd->rbpd", self.weights[senders, receivers],
+                            self.corrupt[senders] - self.outputs[senders])
 
     def _embed(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
         self.embeds[hook.name] = act
@@ -61,6 +68,8 @@ class EdgePatcher(SenderCapture):
         def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
             resid = self.resid[layer]
             delta = self._patch(slice(first, first + w.shape[0]))  # [H, B, P, D]
+            if delta is None:
+                return act
             shift = norm(resid.unsqueeze(0) + delta) - norm(resid).unsqueeze(0)
             moved = torch.einsum("hbpd,hde->bphe", shift, w)  # hook_k/v may be [B, P, heads * d_head]
             return act + moved.reshape(act.shape)
@@ -69,7 +78,8 @@ class EdgePatcher(SenderCapture):
 
     def _add_patch(self, receiver: int) -> Callable:
         def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            return act + self._patch([receiver])[0]
+            delta = self._patch(slice(receiver, receiver + 1))
+            return act if delta is None else act + delta[0]
 
         return fn
 

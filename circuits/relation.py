@@ -12,6 +12,8 @@ demonstrations and corrupting subjects make them is the harness's business (benc
    model's validation Hit@10 (else the size with the best validation Hit@10). The test split is read only
    after the size is fixed. With `query_start` > 0 (demonstrations before the query) only the query's
    positions are ablated, so the circuit is read at the query's positions.
+   With method `acdc` (circuits/acdc.py) the circuit is instead what ACDC leaves on the validation prompts
+   (all of them in one forward pass per test) at its threshold; there is no size to choose.
 2. Evaluation on both splits (the paper's Table 1): Hit@10 of the full model, of the circuit (edges outside
    it carry their ablated value, `circuits.evaluate.patched_logits`), and of random circuits with as many
    edges (uniform over the graph's edges; mean of `random_draws` draws). Hit@10 = the answer's first token
@@ -20,9 +22,8 @@ demonstrations and corrupting subjects make them is the harness's business (benc
    denominator is below 1e-9), and MIB's CPR and CMD on the test split (`circuits.curve.mib_curves`, the
    same code as for case circuits: CPR from the top-k edges by signed score, CMD by |score|, each pruned).
 
-Differences from the paper (KC): its Table 1 circuits come from ACDC with threshold tau = 0.01 on the
-validation split; here they come from attribution scores, with the size chosen on the validation split by
-the rule above.
+KC's Table 1 circuits come from ACDC with threshold tau = 0.01 on the validation split: method `acdc`
+(`KC_SETTING`). The attribution methods are a labelled variant of it, sized by the rule above.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from circuits.ablation import ablated_outputs, check_ablation
+from circuits.acdc import ACDC_THRESHOLD, acdc, check_threshold
 from circuits.activations import PairBatch
-from circuits.attribute import attribute, check_method
+from circuits.attribute import METHODS, attribute, check_method
 from circuits.circuit import Circuit, circuit_nodes, top_edges
 from circuits.curve import mib_curves, normalized_faithfulness
 from circuits.evaluate import patched_logits
@@ -50,6 +52,7 @@ HIT_K = 10
 # Candidate circuit sizes for the validation rule (step 4 of the module doc).
 SIZE_GRID = (25, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 CHUNK = 8  # prompts per forward pass; bounds the [n_upstream, B, P, D] activation buffers
+DISCOVERY_METHODS = (*METHODS, "acdc")  # the attribution methods, and ACDC (circuits/acdc.py)
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,16 @@ class CircuitSetting:
     metric: str = "logprob"
     shots: int = 0
     graph: str | None = None  # "ungrouped" or "grouped" k/v receivers; None: circuits.graph's default
+    acdc_threshold: float = ACDC_THRESHOLD  # method acdc only
 
     def __post_init__(self) -> None:
         check_ablation(self.ablation)
-        check_method(self.method, self.ablation)
+        if self.method == "acdc":
+            check_threshold(self.acdc_threshold)
+        elif self.method in METHODS:
+            check_method(self.method, self.ablation)
+        else:
+            raise ValueError(f"unknown method '{self.method}'; choose from {', '.join(DISCOVERY_METHODS)}")
         Metric(self.metric)  # validates the name
         if self.shots < 0:
             raise ValueError("--shots must be 0 or more")
@@ -75,7 +84,7 @@ class CircuitSetting:
         return self.ablation == "corrupted" or self.metric == "logit-diff"
 
 
-KC_SETTING = CircuitSetting(method="eap", ablation="zero", metric="match-nll")
+KC_SETTING = CircuitSetting(method="acdc", ablation="zero", metric="match-nll", acdc_threshold=ACDC_THRESHOLD)
 
 
 
@@ -142,11 +151,28 @@ def relation_scores(bundle, graph: Graph, chunks: list[PairBatch], setting: Circ
 def circuit_from_scores(scores: torch.Tensor, graph: Graph, top_n: int, method: str, answer: str,
                         settings: dict[str, Any] | None = None) -> tuple[Circuit, torch.Tensor]:
     keep = top_edges(scores, graph, top_n)
+    return circuit_of(keep, scores, graph, method, answer, dict(settings or {}, top_n=top_n)), keep
+
+
+def circuit_of(keep: torch.Tensor, scores: torch.Tensor, graph: Graph, method: str, answer: str,
+               settings: dict[str, Any], setting: CircuitSetting | None = None) -> Circuit:
+    """The Circuit of an edge mask, each edge with its score; `setting` fills in its ablation and metric."""
     up, recv = keep.nonzero(as_tuple=True)
     values = scores[up, recv].tolist()
     edges = {graph.edge_name(u, r): v for u, r, v in zip(up.tolist(), recv.tolist(), values)}
+    described = {} if setting is None else {
+        "ablation": setting.ablation, "metric": setting.metric,
+        "selection": "acdc-threshold" if setting.method == "acdc" else "top-n"}
     return Circuit(method=method, answer=answer, edges=edges, nodes=circuit_nodes(keep, graph),
-                   n_graph_edges=graph.n_edges, settings=dict(settings or {}, top_n=top_n)), keep
+                   n_graph_edges=graph.n_edges, settings=settings, graph=graph_kind(graph), **described)
+
+
+def setting_fields(setting: CircuitSetting) -> dict[str, Any]:
+    """The setting as recorded: the ACDC threshold only for method acdc."""
+    fields = asdict(setting)
+    if setting.method != "acdc":
+        del fields["acdc_threshold"]
+    return fields
 
 
 def random_edges(graph: Graph, n: int, seed: int) -> torch.Tensor:
@@ -285,24 +311,28 @@ METRIC_DOC = {"logprob": "log p(answer's first token) at the last prompt positio
               "match-nll": "NLL(answer) - NLL(answer) under the full model (KC's match_nll)"}
 
 
-def find_circuit(bundle, name: str, val_rows: list[PromptRow], test_rows: list[PromptRow], *,
-                 setting: CircuitSetting = CircuitSetting(), top_n: int | None = None,
-                 size_grid: Sequence[int] = SIZE_GRID, seed: int = 0, random_draws: int = 3, curve: bool = True,
-                 progress: Callable[[str], None] = log.info) -> CircuitResult:
-    """Builds the circuit on the validation rows, sizes it there (top_n None) and scores it on both splits.
-    `bundle` has `tokenizer` (for the pad id), `device`, `model`, `arch` and `bridge()`."""
-    if not val_rows or not test_rows:
-        raise ValueError(f"'{name}': no validation or no test prompts ({len(val_rows)}, {len(test_rows)})")
+@dataclass
+class Discovered:
+    """A circuit found on the validation rows, before it is scored."""
+
+    keep: torch.Tensor
+    scores: torch.Tensor  # what each edge's value in the circuit JSON and the CPR/CMD ranking are
+    scores_meaning: str
+    validation: ScoringSet
+    sizing: dict[str, Any]
+    extra: dict[str, Any]  # report sections of the method (ACDC's counts)
+
+
+def _by_attribution(bundle, graph: Graph, val_rows: list[PromptRow], setting: CircuitSetting,
+                    reference: PairBatch | None, top_n: int | None, size_grid: Sequence[int],
+                    progress: Callable[[str], None], timings: dict[str, float]) -> Discovered:
+    """Edge attributions summed over the validation prompts, the top-n edges; n given or chosen there."""
     tok, dev = bundle.tokenizer, bundle.device
-    graph = graph_of(bundle.arch, setting.graph)
-    reference = reference_batch(val_rows, tok, dev) if setting.ablation == "mean" else None
-    timings: dict[str, float] = {}
     start = time.perf_counter()
     progress(f"circuit: {setting.method} attribution ({setting.ablation} ablation, {setting.metric}) over "
              f"{len(val_rows)} validation prompts ({graph.n_edges} edges)")
     scores = relation_scores(bundle, graph, batches(val_rows, tok, dev), setting, reference)
     timings["attribution"] = time.perf_counter() - start
-
     start = time.perf_counter()
     validation = ScoringSet(bundle, graph, batches(val_rows, tok, dev), setting, reference)
     if top_n is None:
@@ -311,10 +341,55 @@ def find_circuit(bundle, name: str, val_rows: list[PromptRow], test_rows: list[P
     else:
         sizing = {"rule": f"fixed: --top-n {top_n}", "chosen": min(top_n, graph.n_edges)}
     timings["size_selection"] = time.perf_counter() - start
-    n_edges = sizing["chosen"]
-    circuit, keep = circuit_from_scores(scores, graph, n_edges, setting.method, name,
-                                        {"validation_prompts": len(val_rows), "test_prompts": len(test_rows),
-                                         "scores": "mean attribution per validation prompt", **asdict(setting)})
+    keep = top_edges(scores, graph, sizing["chosen"])
+    return Discovered(keep, scores, "mean attribution per validation prompt", validation, sizing, {})
+
+
+ACDC_SCORES = ("ACDC's effect of removing the edge when it was tested: m(removed) - m(current), "
+               "mean over the validation prompts; 0 for edges never tested")
+
+
+def _by_acdc(bundle, graph: Graph, val_rows: list[PromptRow], setting: CircuitSetting,
+             reference: PairBatch | None, progress: Callable[[str], None], timings: dict[str, float]) -> Discovered:
+    """ACDC on the validation prompts, all of them in one forward pass per test."""
+    validation = ScoringSet(bundle, graph, batches(val_rows, bundle.tokenizer, bundle.device, chunk=len(val_rows)),
+                            setting, reference)
+    progress(f"circuit: ACDC (threshold {setting.acdc_threshold:g}, {setting.ablation} ablation, {setting.metric}) "
+             f"over {len(val_rows)} validation prompts ({graph.n_edges} edges; one forward pass per test)")
+    found = acdc(lambda keep: float(validation.with_edges(keep).value.mean()), graph, setting.acdc_threshold)
+    timings["acdc"] = found.seconds
+    progress(f"circuit: ACDC kept {found.n_edges} edges after {found.n_forward} forward passes "
+             f"({found.seconds:.0f} s)")
+    sizing = {"rule": f"acdc: the edges left at threshold {setting.acdc_threshold:g}", "chosen": found.n_edges}
+    return Discovered(found.keep, found.effects.nan_to_num(0.0), ACDC_SCORES, validation, sizing,
+                      {"acdc": found.summary()})
+
+
+def find_circuit(bundle, name: str, val_rows: list[PromptRow], test_rows: list[PromptRow], *,
+                 setting: CircuitSetting = CircuitSetting(), top_n: int | None = None,
+                 size_grid: Sequence[int] = SIZE_GRID, seed: int = 0, random_draws: int = 3, curve: bool = True,
+                 progress: Callable[[str], None] = log.info) -> CircuitResult:
+    """Builds the circuit on the validation rows (ACDC, or attribution sized there when top_n is None) and
+    scores it on both splits. `bundle` has `tokenizer` (for the pad id), `device`, `model`, `arch` and
+    `bridge()`."""
+    if not val_rows or not test_rows:
+        raise ValueError(f"'{name}': no validation or no test prompts ({len(val_rows)}, {len(test_rows)})")
+    if setting.method == "acdc" and top_n is not None:
+        raise ValueError("--top-n does not apply to --method acdc: its threshold sets the circuit's size")
+    tok, dev = bundle.tokenizer, bundle.device
+    graph = graph_of(bundle.arch, setting.graph)
+    reference = reference_batch(val_rows, tok, dev) if setting.ablation == "mean" else None
+    timings: dict[str, float] = {}
+    if setting.method == "acdc":
+        found = _by_acdc(bundle, graph, val_rows, setting, reference, progress, timings)
+    else:
+        found = _by_attribution(bundle, graph, val_rows, setting, reference, top_n, size_grid, progress, timings)
+    keep, scores, validation, sizing = found.keep, found.scores, found.validation, found.sizing
+    settings = {"validation_prompts": len(val_rows), "test_prompts": len(test_rows), "scores": found.scores_meaning,
+                **setting_fields(setting)}
+    if setting.method != "acdc":
+        settings["top_n"] = sizing["chosen"]
+    circuit = circuit_of(keep, scores, graph, setting.method, name, settings, setting)
 
     start = time.perf_counter()
     progress(f"circuit: scoring {len(circuit.edges)} edges on {len(val_rows)} validation and "
@@ -332,13 +407,14 @@ def find_circuit(bundle, name: str, val_rows: list[PromptRow], test_rows: list[P
                        "hit_at_10_full": test_table["full_model"], "hit_at_10_circuit": test_table["circuit"]}
     timings["evaluation"] = time.perf_counter() - start
     report: dict[str, Any] = {
-        "method": setting.method, "top_n": n_edges, "seed": seed,
-        "setting": {"method": setting.method, "ablation": setting.ablation, "metric": setting.metric,
-                    "graph": graph_kind(graph), "shots": setting.shots, "size_rule": sizing["rule"],
+        "method": setting.method, "top_n": sizing["chosen"], "seed": seed,
+        "setting": {**{k: v for k, v in setting_fields(setting).items() if k != "graph"}, "graph": graph_kind(graph),
+                    "size_rule": sizing["rule"],
                     "hit_k": HIT_K, "circuit_read_at": "the query's positions" if setting.shots else "all positions"},
         "size_selection": sizing,
         "circuit": {"n_edges": len(circuit.edges), "n_nodes": len(circuit.nodes), "n_graph_edges": graph.n_edges,
-                    "scores": "mean attribution per validation prompt"},
+                    "scores": found.scores_meaning},
+        **found.extra,
         "faithfulness": faith,
         "hit_at_10": {"validation": val_table, "test": test_table},
     }
