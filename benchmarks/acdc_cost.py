@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.lre import load_relation
-from bench.relation_circuits import kc_split, kc_template, make_fact, pair_rows
-from circuits.acdc import ACDC_THRESHOLD, acdc, incoming_order
-from circuits.relation import KC_SETTING, ScoringSet, batches, graph_of
-from lmview.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.lre import load_relation  # noqa: E402
+from bench.relation_circuits import kc_split, kc_template, make_fact, pair_rows  # noqa: E402
+from circuits.acdc import ACDC_THRESHOLD, acdc, incoming_order  # noqa: E402
+from circuits.relation import KC_SETTING, ScoringSet, batches, graph_of  # noqa: E402
+from lmview.models import load_model  # noqa: E402
 
 
 class Enough(Exception):

@@ -280,12 +280,13 @@ def test_circuit_command_kc_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no graphviz: the figure is still written
     relation = write_relation(tmp_path)
     out = tmp_path / "kc"
-    assert main(["circuit", "--model", "tiny-gpt2", "--relation", str(relation), "--setting", "kc",
+    assert main(["circuit", "--model", "tiny-gpt2", "--relation", str(relation), "--setting", "kc", "--method", "eap",
                  "--known-top-k", "0", "--shots", "1", "--output", str(out), "--device", "cpu", "--no-curve",
                  "--random-draws", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
     s = report["setting"]
-    assert (s["name"], s["method"], s["ablation"], s["metric"], s["shots"]) == ("kc", "eap", "zero", "match-nll", 1)
+    assert (s["name"], s["method"], s["ablation"], s["metric"], s["shots"]) == (
+        "kc (variant: method=eap)", "eap", "zero", "match-nll", 1)
     assert s["split"].startswith("KC:") and s["size_rule"].startswith("the smallest size")
     assert report["source"]["templates"] == ["The capital of {} is the city of"]
     assert all(f["prompt"].endswith("is the city of") and f["prompt"].count("\n") == 1 for f in report["test_facts"])
@@ -293,11 +294,12 @@ def test_circuit_command_kc_setting(tmp_path, monkeypatch):
     assert report["hit_at_10"]["validation"]["n_prompts"] == report["hit_at_10"]["test"]["n_prompts"] == 5
     assert (out / "circuit.svg").stat().st_size > 0 and (out / "circuit.png").read_bytes()[:4] == b"\x89PNG"
     variant = tmp_path / "kc-mean"
-    assert main(["circuit", "--model", "tiny-gpt2", "--relation", str(relation), "--setting", "kc", "--ablation",
-                 "mean", "--known-top-k", "0", "--top-n", "20", "--output", str(variant), "--device", "cpu",
+    assert main(["circuit", "--model", "tiny-gpt2", "--relation", str(relation), "--setting", "kc", "--method", "eap",
+                 "--ablation", "mean", "--known-top-k", "0", "--top-n", "20", "--output", str(variant), "--device", "cpu",
                  "--no-curve", "--random-draws", "1"]) == 0
     s = json.loads((variant / "report.json").read_text())["setting"]
-    assert s["name"] == "kc (variant: ablation=mean)" and s["ablation"] == "mean" and s["split"].startswith("KC:")
+    assert s["name"] == "kc (variant: method=eap, ablation=mean)" and s["ablation"] == "mean"
+    assert s["split"].startswith("KC:")
 
 
 def test_circuit_command_rejects_conflicting_settings(tmp_path, capsys):
