@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,18 +18,12 @@ from circuits.acdc import acdc, incoming_order, visit_order
 from circuits.evaluate import circuit_metrics, patched_logits
 from circuits.graph import Graph
 from circuits.relation import KC_SETTING, ScoringSet, batches, graph_of
+from tests.helpers import write_relation
+
 THRESHOLD = 0.01
 CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Italy", "Rome"),
             ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Chile", "Santiago")]
 TEMPLATE = "The capital of {} is"
-
-
-def write_relation(folder: Path) -> Path:
-    path = folder / "capitals_acdc.json"
-    path.write_text(json.dumps({
-        "name": "capitals", "prompt_templates": [TEMPLATE], "prompt_templates_zs": ["The capital of {} is the city of"],
-        "properties": {}, "samples": [{"subject": s, "object": o} for s, o in CAPITALS]}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +162,8 @@ def test_final_metric_equals_the_kept_edges_evaluated_from_scratch(tiny_model, k
 
 
 def test_circuit_command_kc_is_acdc(tmp_path, capsys):
-    relation = str(write_relation(tmp_path))
+    write_relation(tmp_path, "capitals", TEMPLATE, CAPITALS)
+    relation = str(tmp_path / "capitals.json")
     out = tmp_path / "kc"
     base = ["circuit", "--model", "tiny-gpt2", "--relation", relation, "--setting", "kc", "--known-top-k", "0",
             "--device", "cpu", "--no-curve", "--random-draws", "1"]
