@@ -368,11 +368,11 @@ def main() -> None:
     results = {
         "command": f"OMP_NUM_THREADS={args.threads} .venv/bin/python " + " ".join(
             [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "reference": args.ref_label, "model": args.model, "device": "cpu", "data": info, "graph": graph.kind,
+        "reference": args.ref_label, "model": args.model, "device": "cpu", "data": info,
         "batch_shape": list(batch.clean_ids.shape), "ig_steps": args.steps, "repeats": args.repeats,
         "metric": "log p(answer's first token) at the last real position, summed over prompts",
         "ablation": "corrupted input (activation patching)",
-        "graph": {"harness_edges": graph.n_edges, "reference_edges": ref["n_edges"],
+        "graph": {"kind": graph.kind, "harness_edges": graph.n_edges, "reference_edges": ref["n_edges"],
                   "one_to_one_edges": int(one.sum()),
                   "edge_sets_match_after_kv_grouping": bool(torch.equal(ref_edges, edges)),
                   "kv_mapping": ("none: the same receivers (one k and one v per query head)" if kv == arch.n_heads
