@@ -48,6 +48,7 @@ class RunRow:
     path: Path
     summary: dict[str, Any]
     manifest: dict[str, Any] = field(default_factory=dict)
+    pre_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # case id -> pre-edit ES/PS/NS
 
     @property
     def editor(self) -> str:
@@ -177,6 +178,7 @@ def load_run(folder: Path) -> RunRow:
             warn(f"{folder}: cases.jsonl {lines.torn}: a torn last line, dropped")
         summary.update(summarize(lines.rows))
         summary["lens"] = lens_summary(lines.rows)
+        return RunRow(folder.name, folder, summary, manifest, case_pre_scores(lines.rows))
     return RunRow(folder.name, folder, summary, manifest)
 
 
@@ -418,16 +420,23 @@ def family_table(rows: list[RunRow], columns: list[Column], first_note: int | No
 UNEDITED_KEYS = {"ES": "efficacy_score", "PS": "paraphrase_score", "NS": "neighborhood_score"}
 
 
+def case_pre_scores(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each edited case's pre-edit ES, PS and NS, by case id."""
+    found = {}
+    for record in records:
+        pre = record.get("pre") or {}
+        if record.get("status") == "ok" and all(pre.get(k) is not None for k in UNEDITED_KEYS.values()):
+            found[str(record.get("case_id"))] = {k: float(pre[k]) for k in UNEDITED_KEYS.values()}
+    return found
+
+
 def unedited_scores(rows: list[RunRow]) -> tuple[dict[str, float], int] | None:
     """ES, PS, NS (means) and S of the unedited model on the section's cases: each case's pre-edit scores
     (the same weights for every editor; the first run that has the case gives them), and the case count."""
     per_case: dict[str, dict[str, float]] = {}
     for row in rows:
-        cases_path = row.path / "cases.jsonl"
-        for record in read_cases(cases_path) if cases_path.exists() else []:
-            pre = record.get("pre") or {}
-            if record.get("status") == "ok" and all(pre.get(k) is not None for k in UNEDITED_KEYS.values()):
-                per_case.setdefault(str(record.get("case_id")), {k: float(pre[k]) for k in UNEDITED_KEYS.values()})
+        for case_id, scores in row.pre_scores.items():
+            per_case.setdefault(case_id, scores)
     if not per_case:
         return None
     means = {label: sum(c[key] for c in per_case.values()) / len(per_case) for label, key in UNEDITED_KEYS.items()}
