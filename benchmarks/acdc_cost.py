@@ -3,7 +3,7 @@
 On KC's split of a relation (known facts, the validation prompts in one batch, zero ablation, match-nll), it
 times ACDC's forward passes in two states of a run:
 - start: the first `--forwards` tests of the first receiver (the logits), nothing else removed yet;
-- end: `--forwards` tests of a layer-0 receiver, with every edge into a receiver of a later layer removed
+- end: `--forwards` tests of layer-0 receivers' edges, with every edge into a receiver of a later layer removed
   (the most patching a forward pass of the run can do).
 Each forward is timed in wall-clock and in this process's CPU seconds. The run's forward passes are at most
 1 + (edges) + (q/k/v receivers): every edge tested once, every q/k/v receiver tested whole once; fewer when
@@ -49,15 +49,15 @@ def timed_measure(scoring: ScoringSet, limit: int, times: list[tuple[float, floa
 
 
 def end_state_times(scoring: ScoringSet, n: int) -> list[tuple[float, float]]:
-    """Forwards that test the edges of a layer-0 q receiver, every edge into a later layer's receiver removed."""
+    """Forwards that test the one incoming edge (from the input) of each of the first `n` layer-0 receivers,
+    every edge into a later layer's receiver removed."""
     graph = scoring.graph
     keep = graph.edge_mask.clone()
     keep[:, graph.receivers_per_layer:] = False  # receivers of layers 1.. and the logits
-    receiver = graph.q_index(0, 0)
     times = []
-    for sender in incoming_order(graph, receiver)[:n]:
+    for receiver in range(min(n, graph.receivers_per_layer)):
         trial = keep.clone()
-        trial[sender, receiver] = False
+        trial[incoming_order(graph, receiver)[0], receiver] = False
         wall, cpu = time.perf_counter(), time.process_time()
         scoring.with_edges(trial)
         times.append((time.perf_counter() - wall, time.process_time() - cpu))
