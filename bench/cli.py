@@ -33,7 +33,7 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None]] = {
     "window": (1, None), "noise_texts": (1, None), "shots": (0, None), "workers": (1, None),
     "workers_per_gpu": (1, None), "threads_per_worker": (1, None), "start_timeout": (1, None),
     "n_facts": (1, None), "scan": (1, None), "min_share": (0.0, 1.0), "min_attention": (0.0, 1.0),
-    "min_dla_fraction": (0.0, 1.0), "acdc_threshold": (0.0, None),
+    "min_dla_fraction": (0.0, 1.0), "acdc_threshold": (0.0, None), "acdc_batch": (1, None),
 }
 
 

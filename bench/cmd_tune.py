@@ -2,7 +2,7 @@
 
 Every grid point is the editor's hyperparameters (its file for the model, or --hparams) with the point's values
 substituted; each point edits the same dev cases (`facts:dev`, disjoint from the `facts` test split that
-`bench run` and the leaderboard report; see bench/data.py SPLIT_RULE), one at a time with a restore in
+`bench run` and the leaderboard report; see bench/data.py SPLIT_RULE), one at a time (or in groups of --batch-size) with a restore in
 between, and is scored with `bench run`'s post-edit CounterFact scores (ES, PS, NS, and ROME's score S, their
 harmonic mean; a failed case counts 0) and the held-out perplexity before and after. A point collapses when the mean perplexity ratio after/before exceeds
 COLLAPSE_PPL_RATIO or is not finite. The chosen point is the non-collapsed one with the highest S (ties: the
@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML mapping hyperparameter -> list of values (default editors/hparams/<editor>/tune-grid.yaml)")
     parser.add_argument("--hparams", default=None, help="the base YAML (default: the editor's file for the model)")
     parser.add_argument("--n", type=int, default=6, help="dev cases edited per grid point (default 6)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="dev cases edited together, one apply per group (batched editors; default 1: each alone)")
     parser.add_argument("--ppl-texts", type=int, default=4,
                         help="held-out Wikipedia texts for the perplexity ratio (default 4; 0: off)")
     parser.add_argument("--trace-layer", action="store_true",
@@ -120,29 +122,34 @@ def trace_peak_layer(bundle, cases, seed: int) -> int:
     return max(range(len(curve)), key=lambda layer: curve[layer])
 
 
-def evaluate_point(bundle, editor, cases, texts, ppl_pre: float | None) -> list[dict[str, Any]]:
-    """Each case edited alone and restored: its post-edit CounterFact scores (as `bench run` computes them) and
-    the held-out perplexity after the edit. The pre-edit, generation and circuit measurements of `bench run`
-    are skipped: the objective does not use them."""
+def evaluate_point(bundle, editor, cases, texts, ppl_pre: float | None, batch_size: int = 1) -> list[dict[str, Any]]:
+    """The cases edited in groups of `batch_size` (one apply per group; 1: each alone), restored after each
+    group: every case's post-edit CounterFact scores (as `bench run` computes them) and the held-out perplexity
+    after its group's edit. The pre-edit, generation and circuit measurements of `bench run` are skipped: the
+    objective does not use them."""
     from bench.run import all_finite, apply_edits, held_out_perplexity, restore, touched_parameters
     from bench.scoring import case_target_nll, counterfact_scores
     from lmview.arch import backup
 
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     records = []
-    for case in cases:
-        names = touched_parameters(editor, [case])
+    for start in range(0, len(cases), batch_size):
+        group = cases[start: start + batch_size]
+        names = touched_parameters(editor, group)
         saved = backup(model, names)
         try:
-            apply_edits(editor, [case])
+            apply_edits(editor, group)
             if not all_finite(model, names):
-                records.append({"case_id": case.case_id, "status": "failed", "reason": "NaN or inf weights"})
+                records += [{"case_id": c.case_id, "status": "failed", "reason": "NaN or inf weights"} for c in group]
                 continue
-            post = counterfact_scores(case_target_nll(model, tok, editor.evaluation_case(case), dev))
-            records.append({"case_id": case.case_id, "status": "ok", "post": post, "ppl_pre": ppl_pre,
-                            "ppl_post": held_out_perplexity(bundle, texts)})
+            ppl_post = held_out_perplexity(bundle, texts)
+            for case in group:
+                post = counterfact_scores(case_target_nll(model, tok, editor.evaluation_case(case), dev))
+                records.append({"case_id": case.case_id, "status": "ok", "post": post, "ppl_pre": ppl_pre,
+                                "ppl_post": ppl_post})
         except (RuntimeError, ValueError, FloatingPointError) as exc:
-            records.append({"case_id": case.case_id, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+            records += [{"case_id": c.case_id, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+                        for c in group]
         finally:
             restore(model, saved)
             editor.undo()
@@ -151,7 +158,8 @@ def evaluate_point(bundle, editor, cases, texts, ppl_pre: float | None) -> list[
 
 def command_line(args: argparse.Namespace) -> str:
     parts = ["python", "-m", "bench", "tune", "--editor", args.editor, "--model", args.model]
-    for flag, value in (("--grid", args.grid), ("--hparams", args.hparams), ("--n", args.n),
+    batch = [("--batch-size", args.batch_size)] if args.batch_size != 1 else []
+    for flag, value in (("--grid", args.grid), ("--hparams", args.hparams), ("--n", args.n), *batch,
                         ("--ppl-texts", args.ppl_texts), ("--seed", args.seed)):
         if value is not None:
             parts += [flag, str(value)]
@@ -166,7 +174,7 @@ def header(args: argparse.Namespace, base_file: str, grid: dict[str, list[Any]],
 
     lines = [f"Tuned by: {command_line(args)}",
              f"Editor {args.editor} on model {args.model}; base hyperparameters: {base_file}.",
-             f"Split: {DEV_DATASET} ({split.get('rule')}); {len(cases)} dev cases: {', '.join(cases)}.",
+             f"Split: {DEV_DATASET} ({split.get('rule')}); {batching(args)}{len(cases)} dev cases: {', '.join(cases)}.",
              f"Grid ({len(points)} point{'' if len(points) == 1 else 's'}): {yaml.safe_dump(grid, default_flow_style=True).strip()}",
              f"Objective: ROME's S = harmonic mean of ES, PS, NS; a point collapses when ppl_post/ppl_pre > "
              f"{COLLAPSE_PPL_RATIO:g} ({args.ppl_texts} held-out texts) or the weights are not finite.",
@@ -182,9 +190,15 @@ def header(args: argparse.Namespace, base_file: str, grid: dict[str, list[Any]],
     return "".join(f"# {line}\n" for line in lines)
 
 
+def batching(args: argparse.Namespace) -> str:
+    return f"edited in groups of {args.batch_size} (one apply each), " if args.batch_size > 1 else ""
+
+
 def _check(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise ValueError("--n must be at least 1")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
     if args.ppl_texts < 0:
         raise ValueError("--ppl-texts cannot be negative")
 
@@ -221,7 +235,7 @@ def main(args: argparse.Namespace) -> int:
     for i, point in enumerate(points):
         editor = cls(bundle, {**base, **point})
         editor.observe_dataset(list(data.cases))
-        scored.append(point_scores(evaluate_point(bundle, editor, cases, texts, ppl_pre)))
+        scored.append(point_scores(evaluate_point(bundle, editor, cases, texts, ppl_pre, args.batch_size)))
         s = scored[-1]
         log.info("tune: point %d/%d %s: ES %.2f PS %.2f NS %.2f S %.2f ppl x%s%s", i + 1, len(points), point, s["ES"],
                  s["PS"], s["NS"], s["S"], "-" if s["ppl_ratio"] is None else f"{s['ppl_ratio']:.3g}",

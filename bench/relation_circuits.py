@@ -265,12 +265,14 @@ def _pairs(bundle, split: RelationSplit, samples, setting: CircuitSetting, seed:
 def build_relation_circuit(bundle, split: RelationSplit, samples: Sequence[tuple[str, str]], *,
                            setting: CircuitSetting = CircuitSetting(), top_n: int | None = None,
                            size_grid: Sequence[int] = SIZE_GRID, seed: int = 0, random_draws: int = 3,
-                           curve: bool = True, progress: Callable[[str], None] = log.info) -> RelationCircuitResult:
+                           curve: bool = True, acdc_batch: int = 1,
+                           progress: Callable[[str], None] = log.info) -> RelationCircuitResult:
     """The split's facts as prompt rows (with corrupting subjects when the setting needs them), then
     `circuits.relation.find_circuit`; the report also states the split and the fact counts."""
     val_rows, val_facts, test_rows, test_facts = _pairs(bundle, split, samples, setting, seed)
     found = find_circuit(bundle, f"relation:{split.name}", val_rows, test_rows, setting=setting, top_n=top_n,
-                         size_grid=size_grid, seed=seed, random_draws=random_draws, curve=curve, progress=progress)
+                         size_grid=size_grid, seed=seed, random_draws=random_draws, curve=curve,
+                         acdc_batch=acdc_batch, progress=progress)
     report = {"relation": split.name, **found.report}
     report["setting"] = dict(found.report["setting"], split=split.rule, known=split.counts.get("known_criterion"))
     report["facts"] = dict(split.counts, validation_prompts=len(val_rows), test_prompts=len(test_rows),

@@ -9,8 +9,11 @@ Each forward is timed in wall-clock and in this process's CPU seconds. The run's
 1 + (edges) + (q/k/v receivers): every edge tested once, every q/k/v receiver tested whole once; fewer when
 nodes are dropped. The estimate multiplies that bound by the mean of the two states' times per forward.
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/acdc_cost.py --model smollm2-135m \
-        --relation country_capital_city --forwards 10 [--json OUT]
+    OMP_NUM_THREADS=2 python benchmarks/acdc_cost.py --model smollm2-135m \
+        --relation country_capital_city --forwards 6 [--speculate 16] [--device cuda] [--json OUT]
+
+With --speculate k it also times forward passes of k speculative tests at once (`bench circuit --acdc-batch k`),
+in both states, and states the time per test; that estimate assumes no test is discarded.
 """
 
 from __future__ import annotations
@@ -64,11 +67,37 @@ def end_state_times(scoring: ScoringSet, n: int) -> list[tuple[float, float]]:
     return times
 
 
+def speculative_times(scoring: ScoringSet, k: int, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Per state, the time of one forward pass of `k` speculative tests (`ScoringSet.mean_values`), `repeats`
+    times: the first k edges into the logits removed one more per test (start), and with every edge into a
+    later layer removed, one more layer-0 receiver's input edge per test (end)."""
+    graph = scoring.graph
+    start_keep, end_keep = graph.edge_mask.clone(), graph.edge_mask.clone()
+    end_keep[:, graph.receivers_per_layer:] = False
+    start_trials, end_trials = [], []
+    for sender in incoming_order(graph, graph.logits_index)[:k]:
+        start_trials.append((start_trials[-1] if start_trials else start_keep).clone())
+        start_trials[-1][sender, graph.logits_index] = False
+    for receiver in range(min(k, graph.receivers_per_layer)):
+        end_trials.append((end_trials[-1] if end_trials else end_keep).clone())
+        end_trials[-1][incoming_order(graph, receiver)[0], receiver] = False
+    times: dict[str, list[tuple[float, float]]] = {}
+    for state, trials in (("start", start_trials), ("end", end_trials)):
+        times[state] = []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            scoring.mean_values(trials)
+            times[state].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--relation", default="country_capital_city")
     parser.add_argument("--forwards", type=int, default=10, help="timed forward passes per state")
+    parser.add_argument("--speculate", type=int, default=0,
+                        help="also time passes of this many speculative tests (bench circuit --acdc-batch)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -99,6 +128,15 @@ def main() -> None:
               "mean_seconds_per_forward": mean,
               "estimate_hours_at_the_bound": {k: v * bound / 3600 for k, v in mean.items()},
               "torch_threads": torch.get_num_threads()}
+    if args.speculate > 1:
+        batched = speculative_times(scoring, args.speculate, max(1, args.forwards // 3))
+        per_test = {key: sum(sum(t[i] for t in ts) / len(ts) for ts in batched.values()) / 2 / args.speculate
+                    for i, key in enumerate(("wall", "cpu"))}
+        result["speculative"] = {"tests_per_pass": args.speculate,
+                                 "pass_seconds": {state: [{"wall": w, "cpu": c} for w, c in ts]
+                                                  for state, ts in batched.items()},
+                                 "mean_seconds_per_test": per_test,
+                                 "estimate_hours_at_the_bound": {k: v * bound / 3600 for k, v in per_test.items()}}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -91,6 +91,9 @@ class AcdcResult:
     n_receivers_removed_whole: int
     n_dropped_receivers: int  # receivers of nodes with no path to the logits
     seconds: float
+    speculate: int = 1  # edge tests per batched forward pass (1: one at a time)
+    n_passes: int = 0  # forward passes run: with speculate > 1, each holds up to `speculate` tests
+    n_discarded: int = 0  # speculative tests thrown away (after an edge that stayed)
 
     @property
     def n_edges(self) -> int:
@@ -102,22 +105,34 @@ class AcdcResult:
                 "n_forward": self.n_forward, "n_edge_tests": self.n_edge_tests,
                 "n_receiver_tests": self.n_receiver_tests,
                 "n_receivers_removed_whole": self.n_receivers_removed_whole,
-                "n_dropped_receivers": self.n_dropped_receivers, "metric_full": self.metric_full,
+                "n_dropped_receivers": self.n_dropped_receivers, "speculate": self.speculate,
+                "n_passes": self.n_passes, "n_discarded": self.n_discarded, "metric_full": self.metric_full,
                 "metric_final": self.metric_final, "seconds": self.seconds}
 
 
 def acdc(measure: Callable[[torch.Tensor], float], graph: Graph, threshold: float = ACDC_THRESHOLD, *,
+         measure_many: Callable[[list[torch.Tensor]], list[float]] | None = None, speculate: int = 1,
          progress: bool = True) -> AcdcResult:
     """ACDC over `graph`. `measure(keep)` is the metric (lower is better) with only `keep`'s edges clean, e.g.
-    the mean match-nll of `ScoringSet.with_edges(keep)`."""
+    the mean match-nll of `ScoringSet.with_edges(keep)`.
+
+    With `measure_many` (the metric of several circuits in one pass) and `speculate` k > 1, a receiver's next k
+    edge tests run together, test j with the edges of tests 1..j all removed: what the one-at-a-time loop
+    measures as long as each of them is removed. The first edge that stays ends the group, the tests after it
+    are discarded and run again from the state with that edge kept. The decisions are those of the
+    one-at-a-time loop up to floating-point differences between a batched and a single forward pass."""
     check_threshold(threshold)
+    if speculate < 1:
+        raise ValueError(f"the speculative batch (--acdc-batch) must be at least 1, not {speculate}")
+    if speculate > 1 and measure_many is None:
+        raise ValueError("speculative ACDC needs measure_many")
     start = time.perf_counter()
     keep = graph.edge_mask.clone()
     effects = torch.full(keep.shape, float("nan"))
     owners = graph.receiver_owners[:, : graph.n_upstream]
     current = measure(keep)
     full, n_forward = current, 1
-    counts = {"edge": 0, "whole": 0, "removed_whole": 0, "dropped": 0}
+    counts = {"edge": 0, "whole": 0, "removed_whole": 0, "dropped": 0, "passes": 1, "discarded": 0}
     visits = visit_order(graph)
     bar = tqdm(visits, desc="acdc receivers", unit="receiver", disable=not progress, mininterval=5)
     for visit in bar:
@@ -134,24 +149,33 @@ def acdc(measure: Callable[[torch.Tensor], float], graph: Graph, threshold: floa
             value = measure(trial)
             n_forward += 1
             counts["whole"] += 1
+            counts["passes"] += 1
             if value - current < threshold:
                 keep, current = trial, value
                 counts["removed_whole"] += 1
             continue
-        for u in incoming_order(graph, r):
-            if not keep[u, r]:
-                continue
-            keep[u, r] = False
-            value = measure(keep)
-            n_forward += 1
-            counts["edge"] += 1
-            effects[u, r] = value - current
-            if value - current < threshold:
-                current = value
-            else:
-                keep[u, r] = True
+        pending = [u for u in incoming_order(graph, r) if keep[u, r]]
+        while pending:
+            group, trials = pending[:speculate], []
+            for u in group:
+                trials.append((trials[-1] if trials else keep).clone())
+                trials[-1][u, r] = False
+            values = measure_many(trials) if len(trials) > 1 else [measure(trials[0])]
+            counts["passes"] += 1
+            for j, (u, value) in enumerate(zip(group, values)):
+                n_forward += 1
+                counts["edge"] += 1
+                effects[u, r] = value - current
+                if value - current < threshold:
+                    keep[u, r], current = False, value
+                else:
+                    counts["discarded"] += len(group) - j - 1
+                    group = group[: j + 1]
+                    break
+            pending = pending[len(group):]
         bar.set_postfix(edges=int(keep.sum()), metric=f"{current:.4f}", forwards=n_forward, refresh=False)
     bar.set_postfix(edges=int(keep.sum()), metric=f"{current:.4f}", forwards=n_forward)
     bar.close()
     return AcdcResult(keep, effects, threshold, full, current, n_forward, counts["edge"], counts["whole"],
-                      counts["removed_whole"], counts["dropped"], time.perf_counter() - start)
+                      counts["removed_whole"], counts["dropped"], time.perf_counter() - start, speculate,
+                      counts["passes"], counts["discarded"])

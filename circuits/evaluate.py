@@ -29,23 +29,32 @@ class EdgePatcher(SenderCapture):
 
     def __init__(self, graph: Graph, arch: ArchSpec, model: torch.nn.Module, corrupt: torch.Tensor,
                  patched_edges: torch.Tensor):
+        """`patched_edges`: [n_upstream, n_receivers] (1 = corrupted), or [V, n_upstream, n_receivers] for V
+        variants of the graph in one pass, the batch then being the prompts repeated V times (variant-major)."""
         super().__init__(graph, arch, model)
-        self.corrupt = corrupt
-        self.weights = patched_edges.to(corrupt.dtype)  # [n_upstream, n_receivers], 1 = corrupted
-        self.patched = patched_edges.bool().cpu()  # read on the host to pick the senders each receiver needs
-        self.outputs = torch.zeros_like(corrupt)
+        patched = patched_edges if patched_edges.dim() == 3 else patched_edges.unsqueeze(0)
+        self.variants = patched.shape[0]
+        self.corrupt = corrupt  # [n_upstream, B, P, D], shared by the variants
+        self.weights = patched.to(corrupt.dtype)
+        self.patched = patched.bool().cpu()  # read on the host to pick the senders each receiver needs
+        n_upstream, rows, *rest = corrupt.shape
+        self.outputs = corrupt.new_zeros((n_upstream, self.variants * rows, *rest))
         self.resid: dict[int, torch.Tensor] = {}
         self.embeds: dict[str, torch.Tensor] = {}
 
     def _patch(self, receivers: slice) -> torch.Tensor | None:
-        """sum_u w[u, r] (corrupted_u - current_u) for each receiver r: [R, B, P, D]; None when no edge into
-        these receivers is patched. Only the senders with a patched edge into them enter the sum."""
-        senders = self.patched[:, receivers].any(1).nonzero().flatten()
+        """sum_u w[u, r] (corrupted_u - current_u) for each receiver r: [R, B, P, D] (B: all rows of all
+        variants); None when no edge into these receivers is patched. Only the senders with a patched edge into
+        them (in any variant) enter the sum."""
+        senders = self.patched[:, :, receivers].any(2).any(0).nonzero().flatten()
         if len(senders) == 0:
             return None
         senders = senders.to(self.weights.device)
-        return torch.einsum("ur,ubpd->rbpd", self.weights[senders, receivers],
-                            self.corrupt[senders] - self.outputs[senders])
+        weights = self.weights[:, senders, receivers]  # [V, S, R]
+        if self.variants == 1:
+            return torch.einsum("ur,ubpd->rbpd", weights[0], self.corrupt[senders] - self.outputs[senders])
+        current = self.outputs[senders].unflatten(1, (self.variants, self.corrupt.shape[1]))  # [S, V, B, P, D]
+        return torch.einsum("vsr,svbpd->rvbpd", weights, self.corrupt[senders].unsqueeze(1) - current).flatten(1, 2)
 
     def _embed(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
         self.embeds[hook.name] = act
@@ -98,12 +107,16 @@ class EdgePatcher(SenderCapture):
 @torch.no_grad()
 def patched_logits(bridge: Any, model: torch.nn.Module, arch: ArchSpec, graph: Graph, batch: PairBatch,
                    keep: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
-    """Logits of the clean prompts with every edge outside `keep` fed its corrupted sender output."""
+    """Logits of the clean prompts with every edge outside `keep` fed its corrupted sender output. A stack of
+    V masks [V, n_upstream, n_receivers] runs the V circuits in one pass: logits [V * B, ...], variant-major."""
     patched = graph.edge_mask.to(keep.device) & ~keep
+    repeats = patched.shape[0] if patched.dim() == 3 else 1
+    ids, mask = batch.clean_ids, batch.attention_mask
+    if repeats > 1:
+        ids, mask = ids.repeat(repeats, 1), None if mask is None else mask.repeat(repeats, 1)
     with kv_layout(model, arch, graph):
         patcher = EdgePatcher(graph, arch, model, corrupt, patched.to(corrupt.device))
-        return bridge.run_with_hooks(batch.clean_ids, fwd_hooks=patcher.hooks(bridge),
-                                     attention_mask=batch.attention_mask)
+        return bridge.run_with_hooks(ids, fwd_hooks=patcher.hooks(bridge), attention_mask=mask)
 
 
 @torch.no_grad()

@@ -248,6 +248,18 @@ class ScoringSet:
             parts.append((metric(logits, batch), hits(logits, batch)))
         return Measured(*map(torch.cat, zip(*parts)))
 
+    def mean_values(self, keeps: Sequence[torch.Tensor]) -> list[float]:
+        """The mean metric of each circuit in `keeps` (as `with_edges(keep).value.mean()`), all of them in one
+        forward pass per chunk with the prompts repeated once per circuit."""
+        stacked = torch.stack(list(keeps))
+        bridge, model, arch = self.bundle.bridge(), self.bundle.model, self.bundle.arch
+        per_circuit: list[list[torch.Tensor]] = [[] for _ in keeps]
+        for batch, outputs, metric in zip(self.chunks, self.ablated, self.metrics):
+            logits = patched_logits(bridge, model, arch, self.graph, batch, stacked.to(outputs.device), outputs)
+            for values, part in zip(per_circuit, logits.chunk(len(keeps))):
+                values.append(metric(part, batch))
+        return [float(torch.cat(values).mean()) for values in per_circuit]
+
     def faithfulness(self, measured: Measured) -> float:
         return normalized_faithfulness(float(measured.value.mean()), float(self.clean.value.mean()),
                                        float(self.corrupted.value.mean()))
@@ -350,16 +362,18 @@ ACDC_SCORES = ("ACDC's effect of removing the edge when it was tested: m(removed
 
 
 def _by_acdc(bundle, graph: Graph, val_rows: list[PromptRow], setting: CircuitSetting,
-             reference: PairBatch | None, progress: Callable[[str], None], timings: dict[str, float]) -> Discovered:
-    """ACDC on the validation prompts, all of them in one forward pass per test."""
+             reference: PairBatch | None, progress: Callable[[str], None], timings: dict[str, float],
+             speculate: int = 1) -> Discovered:
+    """ACDC on the validation prompts, all of them in one forward pass per test (or per `speculate` tests)."""
     validation = ScoringSet(bundle, graph, batches(val_rows, bundle.tokenizer, bundle.device, chunk=len(val_rows)),
                             setting, reference)
     progress(f"circuit: ACDC (threshold {setting.acdc_threshold:g}, {setting.ablation} ablation, {setting.metric}) "
              f"over {len(val_rows)} validation prompts ({graph.n_edges} edges; one forward pass per test)")
-    found = acdc(lambda keep: float(validation.with_edges(keep).value.mean()), graph, setting.acdc_threshold)
+    found = acdc(lambda keep: float(validation.with_edges(keep).value.mean()), graph, setting.acdc_threshold,
+                 measure_many=validation.mean_values, speculate=speculate)
     timings["acdc"] = found.seconds
-    progress(f"circuit: ACDC kept {found.n_edges} edges after {found.n_forward} forward passes "
-             f"({found.seconds:.0f} s)")
+    progress(f"circuit: ACDC kept {found.n_edges} edges after {found.n_forward} tests in {found.n_passes} forward "
+             f"passes ({found.seconds:.0f} s)")
     sizing = {"rule": f"acdc: the edges left at threshold {setting.acdc_threshold:g}", "chosen": found.n_edges}
     return Discovered(found.keep, found.effects.nan_to_num(0.0), ACDC_SCORES, validation, sizing,
                       {"acdc": found.summary()})
@@ -368,7 +382,7 @@ def _by_acdc(bundle, graph: Graph, val_rows: list[PromptRow], setting: CircuitSe
 def find_circuit(bundle, name: str, val_rows: list[PromptRow], test_rows: list[PromptRow], *,
                  setting: CircuitSetting = CircuitSetting(), top_n: int | None = None,
                  size_grid: Sequence[int] = SIZE_GRID, seed: int = 0, random_draws: int = 3, curve: bool = True,
-                 progress: Callable[[str], None] = log.info) -> CircuitResult:
+                 acdc_batch: int = 1, progress: Callable[[str], None] = log.info) -> CircuitResult:
     """Builds the circuit on the validation rows (ACDC, or attribution sized there when top_n is None) and
     scores it on both splits. `bundle` has `tokenizer` (for the pad id), `device`, `model`, `arch` and
     `bridge()`."""
@@ -381,7 +395,7 @@ def find_circuit(bundle, name: str, val_rows: list[PromptRow], test_rows: list[P
     reference = reference_batch(val_rows, tok, dev) if setting.ablation == "mean" else None
     timings: dict[str, float] = {}
     if setting.method == "acdc":
-        found = _by_acdc(bundle, graph, val_rows, setting, reference, progress, timings)
+        found = _by_acdc(bundle, graph, val_rows, setting, reference, progress, timings, acdc_batch)
     else:
         found = _by_attribution(bundle, graph, val_rows, setting, reference, top_n, size_grid, progress, timings)
     keep, scores, validation, sizing = found.keep, found.scores, found.validation, found.sizing

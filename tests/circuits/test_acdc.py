@@ -161,6 +161,63 @@ def test_final_metric_equals_the_kept_edges_evaluated_from_scratch(tiny_model, k
     assert fresh["metric_clean"] == pytest.approx(found.metric_full, abs=1e-5)
 
 
+# --- speculative batches of tests (--acdc-batch) ----------------------------------------------------------------
+
+def test_mean_values_of_stacked_circuits_equal_one_at_a_time(tiny_model, kc_rows, one_thread):
+    """Several circuits in one forward pass (prompts repeated, variant-major) give each one's own metric."""
+    scoring = scoring_set(tiny_model, kc_rows)
+    graph = scoring.graph
+    generator = torch.Generator().manual_seed(0)
+    keeps = [graph.edge_mask & (torch.rand(graph.edge_mask.shape, generator=generator) < share)
+             for share in (1.0, 0.9, 0.5, 0.1, 0.0)]
+    alone = [float(scoring.with_edges(keep).value.mean()) for keep in keeps]
+    assert len(set(alone)) == len(alone)  # five different circuits
+    assert scoring.mean_values(keeps) == pytest.approx(alone, abs=1e-5)
+    assert scoring.mean_values(keeps[:1]) == pytest.approx(alone[:1], abs=1e-6)
+
+
+def synthetic_measure(graph: Graph, seed: int):
+    """A metric with no model: the sum of fixed random costs of the removed edges (some above the threshold),
+    so that every decision is exact and known."""
+    costs = torch.rand(graph.edge_mask.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    costs = torch.where(costs > 0.97, costs, costs * 1e-4)  # about 3% of the edges cost more than the threshold
+    removed = graph.edge_mask.double()
+
+    def measure(keep: torch.Tensor) -> float:
+        return float(((removed - keep.double()).clamp(min=0) * costs).sum())
+
+    return measure, lambda keeps: [measure(keep) for keep in keeps]
+
+
+@pytest.mark.parametrize("speculate", [2, 7, 64])
+def test_speculative_acdc_decides_as_one_at_a_time(tiny_model, speculate):
+    """Exact on a model-free metric: the same kept edges, effects and test count; fewer forward passes, and
+    the discarded tests are the ones after an edge that stayed."""
+    graph = graph_of(tiny_model.arch)
+    measure, many = synthetic_measure(graph, seed=1)
+    calls: list[int] = []
+    one = acdc(measure, graph, THRESHOLD, progress=False)
+    fast = acdc(measure, graph, THRESHOLD, measure_many=lambda keeps: calls.append(len(keeps)) or many(keeps),
+                speculate=speculate, progress=False)
+    assert torch.equal(fast.keep, one.keep) and 0 < one.n_edges < graph.n_edges
+    assert torch.equal(fast.effects.isnan(), one.effects.isnan())
+    assert torch.allclose(fast.effects.nan_to_num(), one.effects.nan_to_num(), atol=1e-12)
+    assert (fast.n_forward, fast.n_edge_tests, fast.metric_final) == (one.n_forward, one.n_edge_tests, one.metric_final)
+    assert one.n_passes == one.n_forward and fast.n_passes < one.n_passes
+    assert max(calls) <= speculate
+    assert fast.n_edge_tests + fast.n_discarded == sum(calls) + (fast.n_passes - 1 - fast.n_receiver_tests - len(calls))
+
+
+def test_speculative_acdc_on_the_model_matches_one_at_a_time(tiny_model, kc_rows, one_thread):
+    scoring = scoring_set(tiny_model, kc_rows)
+    graph = scoring.graph
+    one = acdc(mean_metric(scoring), graph, THRESHOLD, progress=False)
+    fast = acdc(mean_metric(scoring), graph, THRESHOLD, measure_many=scoring.mean_values, speculate=8, progress=False)
+    assert torch.equal(fast.keep, one.keep)
+    assert fast.n_forward == one.n_forward and fast.n_passes < one.n_passes
+    assert fast.metric_final == pytest.approx(one.metric_final, abs=1e-5)
+
+
 def test_circuit_command_kc_is_acdc(tmp_path, capsys):
     write_relation(tmp_path, "capitals", TEMPLATE, CAPITALS)
     relation = str(tmp_path / "capitals.json")
@@ -175,6 +232,7 @@ def test_circuit_command_kc_is_acdc(tmp_path, capsys):
     found = report["acdc"]
     assert found["threshold"] == 0.01 and found["n_edges"] == report["circuit"]["n_edges"]
     assert found["n_forward"] == 1 + found["n_edge_tests"] + found["n_receiver_tests"] and found["seconds"] > 0
+    assert found["speculate"] == 1 and found["n_passes"] == found["n_forward"]  # CPU default: one test per pass
     assert report["faithfulness"]["validation"]["circuit"] == pytest.approx(found["metric_final"], abs=1e-5)
     circuit = json.loads((out / "circuit.json").read_text())
     assert len(circuit["edges"]) == found["n_edges"] and circuit["selection"] == "acdc-threshold"
@@ -194,6 +252,8 @@ def test_circuit_command_kc_is_acdc(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "--acdc-threshold" in err and "Traceback" not in err
     assert main(base + ["--top-n", "20"]) == 2  # ACDC's threshold sets the size
+    assert main(base + ["--acdc-batch", "0"]) == 2
+    assert main(base + ["--method", "eap", "--top-n", "20", "--acdc-batch", "4"]) == 2
     assert main(base + ["--method", "eap", "--acdc-threshold", "0.1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 2 and "Traceback" not in err
+    assert err.count("error:") == 4 and "--acdc-batch" in err and "Traceback" not in err

@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bench.cli import main
-from bench.cmd_tune import choose, point_scores
+from bench.cmd_tune import choose, evaluate_point, point_scores
 from bench.data import load_dataset
 from bench.data.builtin import DEV_EVERY
-from bench.run import RunConfig, run_case, select_cases
+from bench.run import RunConfig, apply_edits, restore, run_case, select_cases
+from bench.scoring import case_target_nll, counterfact_scores
+from lmview.arch import backup
 from editors.base import HPARAMS_DIR, get_editor
 from lmview.models import load_model
 
@@ -80,6 +83,34 @@ def test_tune_writes_the_chosen_yaml_with_grid_split_and_scores(tmp_path: Path, 
                for c in cases]
     es = sum(r["post"]["efficacy_score"] for r in records) / 2
     assert scores[1][0] == pytest.approx(es, abs=1e-3)
+
+
+def test_batch_size_edits_each_group_with_one_apply_and_restores() -> None:
+    """`--batch-size 2` on a batched editor: one apply per group of 2, each case scored after its group's edit
+    (checked against the same group applied and scored by hand), the weights restored bitwise after each."""
+    bundle = load_model("tiny-llama", "cpu")
+    cases, _ = select_cases(bundle, load_dataset("facts:dev"), 4, only_known=False)
+    hparams = yaml.safe_load((HPARAMS_DIR / "ultraedit" / "tiny-llama.yaml").read_text())
+    editor = get_editor("ultraedit")(bundle, hparams)
+    groups: list[list[str]] = []
+    apply = editor.apply
+    editor.apply = lambda batch: groups.append([c.case_id for c in batch]) or apply(batch)
+    before = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    records = evaluate_point(bundle, editor, cases, None, None, batch_size=2)
+    assert groups == [[c.case_id for c in cases[:2]], [c.case_id for c in cases[2:]]]
+    assert all(torch.equal(v, before[k]) for k, v in bundle.model.state_dict().items())
+    by_hand = get_editor("ultraedit")(bundle, hparams)
+    saved = backup(bundle.model, [n for n, _ in bundle.model.named_parameters()])
+    apply_edits(by_hand, cases[2:])
+    for record, case in zip(records[2:], cases[2:]):
+        expected = counterfact_scores(case_target_nll(bundle.model, bundle.tokenizer, by_hand.evaluation_case(case), "cpu"))
+        scalars = [k for k, v in expected.items() if isinstance(v, float)]
+        assert record["status"] == "ok" and len(scalars) >= 4
+        assert {k: record["post"][k] for k in scalars} == pytest.approx({k: expected[k] for k in scalars}, abs=1e-6)
+    restore(bundle.model, saved)
+    alone = evaluate_point(bundle, get_editor("ultraedit")(bundle, hparams), cases[2:], None, None, batch_size=1)
+    # a group edit is not two single edits
+    assert [r["post"]["log_p_new"] for r in alone] != pytest.approx([r["post"]["log_p_new"] for r in records[2:]], abs=1e-6)
 
 
 def test_failed_cases_count_zero_and_collapse_is_not_chosen() -> None:
