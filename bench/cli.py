@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.signals import interrupt_on_sigterm, signal_name
 from lmview.models import DEFAULT_MODEL
 from lmview.registry import Registry
 
@@ -168,11 +169,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     print(render([summary]))
     if status == "interrupted":
-        signal_name = summary.get("signal", "SIGINT")
-        print(f"interrupted by {signal_name}: the summary covers {summary.get('n_cases', 0) + summary.get('n_failed', 0)} "
+        stopped_by = summary.get("signal", "SIGINT")
+        print(f"interrupted by {stopped_by}: the summary covers {summary.get('n_cases', 0) + summary.get('n_failed', 0)} "
               f"of {summary.get('n_planned')} cases (partial); continue with: python -m bench run --resume {run_dir}",
               file=sys.stderr)
-        return 143 if signal_name == "SIGTERM" else 130
+        return 143 if stopped_by == "SIGTERM" else 130
     return 0
 
 
@@ -224,23 +225,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same cleanup runs; exit 143."""
-
-    signal_name = "SIGTERM"
-
-
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a CI timeout, `kill`) stops a run like Ctrl-C: the finished cases are summarised."""
-    import signal
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the summary short
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 @dataclass(frozen=True)
 class Command:
     """A subcommand: what a `bench/cmd_<name>.py` module defines (NAME, HELP, add_arguments, main)."""
@@ -275,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command in ("run", "sweep"):
-        _interrupt_on_sigterm()
+        interrupt_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "transformer_lens", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -285,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        signal_name = getattr(exc, "signal_name", "SIGINT")
-        print(f"interrupted by {signal_name}", file=sys.stderr)
-        return 143 if signal_name == "SIGTERM" else 130
+        stopped_by = signal_name(exc)
+        print(f"interrupted by {stopped_by}", file=sys.stderr)
+        return 143 if stopped_by == "SIGTERM" else 130
 
 
 if __name__ == "__main__":

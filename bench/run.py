@@ -31,6 +31,7 @@ from bench.data import load_dataset
 from bench.data.records import LoadedDataset
 from bench.integrity import IntegrityError, ModelGuard
 from bench.lens import case_lens
+from bench.signals import signal_name
 from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.relation_circuits import relation_circuits_for
@@ -799,7 +800,7 @@ def run_to_end(work: Callable[[], None], writer: RunWriter, extra: dict[str, Any
         work()
     except KeyboardInterrupt as exc:
         status = "interrupted"
-        extra["signal"] = getattr(exc, "signal_name", "SIGINT")
+        extra["signal"] = signal_name(exc)
         log.warning("interrupted (%s): the summary covers the cases already written", extra["signal"])
     except failures as exc:
         status, error = "failed", str(exc)

@@ -16,6 +16,7 @@ import torch
 import bench.run
 from bench.cli import main
 from bench.results import drop_torn_tail, read_case_lines, summarize
+from bench.signals import Terminated, interrupt_on_sigterm, signal_name
 from editors.base import EditOutcome, Editor, register
 from tests.helpers import FACTS_FILE, bench_process, no_hparams, read_json
 
@@ -188,6 +189,23 @@ def wait_for_cases(out: Path, n: int, process: subprocess.Popen, deadline_s: flo
         time.sleep(0.05)
     process.kill()
     raise AssertionError(f"no {n} cases within {deadline_s} s")
+
+
+def test_sigterm_is_reported_even_when_a_library_raises_a_plain_keyboard_interrupt():
+    """Ray's ray.get turns the exception raised by the SIGTERM handler into a plain KeyboardInterrupt; the stop
+    must still read SIGTERM (exit 143), and a Ctrl-C before any SIGTERM SIGINT."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        interrupt_on_sigterm()
+        assert signal_name(KeyboardInterrupt()) == "SIGINT"
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        assert signal_name(KeyboardInterrupt()) == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second SIGTERM cannot cut the summary short
+        interrupt_on_sigterm()  # a new run starts afresh
+        assert signal_name(KeyboardInterrupt()) == "SIGINT"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_sigterm_exits_143_with_a_partial_summary_and_the_complete_row_stays(tmp_path, cache, one_thread, capsys):

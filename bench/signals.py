@@ -1,0 +1,33 @@
+"""SIGTERM stops a run like Ctrl-C (the finished cases are summarised), and the stop is reported as SIGTERM
+(exit 143) even when a library turns the raised exception into a plain KeyboardInterrupt, as Ray's
+`ray.get` does when the signal arrives while it waits."""
+
+from __future__ import annotations
+
+import signal
+
+_received: list[str] = []
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same cleanup runs; exit 143."""
+
+    signal_name = "SIGTERM"
+
+
+def interrupt_on_sigterm() -> None:
+    """From now on SIGTERM (a CI timeout, `kill`) raises Terminated; a second one is ignored, so that it
+    cannot cut the summary short."""
+    _received.clear()
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _received.append("SIGTERM")
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def signal_name(exc: KeyboardInterrupt) -> str:
+    """Which signal stopped the run: the exception's own, else SIGTERM once one was received, else SIGINT."""
+    return getattr(exc, "signal_name", None) or (_received[-1] if _received else "SIGINT")
