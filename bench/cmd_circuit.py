@@ -114,8 +114,6 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--acdc-threshold needs --method acdc (or --setting kc)")
     if args.acdc_batch is not None and not acdc:
         raise ValueError("--acdc-batch needs --method acdc (or --setting kc)")
-    if args.acdc_batch is not None and args.acdc_batch < 1:
-        raise ValueError("--acdc-batch must be at least 1")
     if args.top_n is None and args.prompt is not None and not acdc:
         from circuits.circuit import DEFAULT_TOP_N
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.lre import load_relation  # noqa: E402
 from bench.relation_circuits import kc_split, kc_template, make_fact, pair_rows  # noqa: E402
-from circuits.acdc import ACDC_THRESHOLD, acdc, incoming_order  # noqa: E402
+from circuits.acdc import ACDC_THRESHOLD, acdc, cumulative_removals, incoming_order  # noqa: E402
 from circuits.relation import KC_SETTING, ScoringSet, batches, graph_of  # noqa: E402
 from lmview.models import load_model  # noqa: E402
 
@@ -74,13 +74,10 @@ def speculative_times(scoring: ScoringSet, k: int, repeats: int) -> dict[str, li
     graph = scoring.graph
     start_keep, end_keep = graph.edge_mask.clone(), graph.edge_mask.clone()
     end_keep[:, graph.receivers_per_layer:] = False
-    start_trials, end_trials = [], []
-    for sender in incoming_order(graph, graph.logits_index)[:k]:
-        start_trials.append((start_trials[-1] if start_trials else start_keep).clone())
-        start_trials[-1][sender, graph.logits_index] = False
-    for receiver in range(min(k, graph.receivers_per_layer)):
-        end_trials.append((end_trials[-1] if end_trials else end_keep).clone())
-        end_trials[-1][incoming_order(graph, receiver)[0], receiver] = False
+    start_trials = cumulative_removals(start_keep, [(u, graph.logits_index)
+                                                    for u in incoming_order(graph, graph.logits_index)[:k]])
+    end_trials = cumulative_removals(end_keep, [(incoming_order(graph, r)[0], r)
+                                                for r in range(min(k, graph.receivers_per_layer))])
     times: dict[str, list[tuple[float, float]]] = {}
     for state, trials in (("start", start_trials), ("end", end_trials)):
         times[state] = []

@@ -242,8 +242,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of part 4 (default cpu)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    ks = [int(k) for k in (args.packing or "1,4,10").split(",")]
     if args.only_packing:
-        ks = [int(k) for k in (args.packing or "1,4,10").split(",")]
         result = {"model": args.model, "torch": torch.__version__,
                   "packing": packing(args.model, args.editor, ks, args.packing_cases, args.device)}
         print(json.dumps(result, indent=2), flush=True)
@@ -288,7 +288,6 @@ def main() -> None:
         result["two_workers_over_two_threads"] = (result["scaling"][0]["cases_per_second"]
                                                   / result["scaling"][1]["cases_per_second"])
     if args.packing:
-        ks = [int(k) for k in args.packing.split(",")]
         result["packing"] = packing(args.model, args.editor, ks, args.packing_cases, args.device)
     write(result, args.json)
 

@@ -78,6 +78,15 @@ def incoming_order(graph: Graph, receiver: int) -> list[int]:
     return order + [0]
 
 
+def cumulative_removals(keep: torch.Tensor, edges: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """One mask per edge: `keep` with that edge and every edge before it in `edges` removed."""
+    trials: list[torch.Tensor] = []
+    for sender, receiver in edges:
+        trials.append((trials[-1] if trials else keep).clone())
+        trials[-1][sender, receiver] = False
+    return trials
+
+
 @dataclass
 class AcdcResult:
     keep: torch.Tensor  # [n_upstream, n_receivers] bool: the circuit's edges
@@ -156,10 +165,8 @@ def acdc(measure: Callable[[torch.Tensor], float], graph: Graph, threshold: floa
             continue
         pending = [u for u in incoming_order(graph, r) if keep[u, r]]
         while pending:
-            group, trials = pending[:speculate], []
-            for u in group:
-                trials.append((trials[-1] if trials else keep).clone())
-                trials[-1][u, r] = False
+            group = pending[:speculate]
+            trials = cumulative_removals(keep, [(u, r) for u in group])
             values = measure_many(trials) if len(trials) > 1 else [measure(trials[0])]
             counts["passes"] += 1
             for j, (u, value) in enumerate(zip(group, values)):
