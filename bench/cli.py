@@ -71,6 +71,9 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--output", default="runs", help="folder for run folders (default runs/)")
     run.add_argument("--hparams", default=None, help="a YAML file overriding the editor's default hyperparameters")
     run.add_argument("--no-circuits", action="store_true", help="skip circuit discovery")
+    run.add_argument("--no-generation", action="store_true",
+                     help="skip the free-generation metrics (greedy continuations: most of a case's scoring time on "
+                          "a CPU), e.g. for long --sequential streams, whose curve does not use them")
     run.add_argument("--top-n", type=int, default=None, help="edges kept in each circuit")
     run.add_argument("--known-only", action="store_true",
                      help="edit only facts whose greedy first token is target_true before the edit (the harness's "
@@ -135,7 +138,8 @@ def _run_config(args: argparse.Namespace):
         raise ValueError("--eval-sample needs --sequential")
     return RunConfig(editor=args.editor, model=args.model, dataset=args.dataset, n=args.n, seed=args.seed,
                      device=args.device, dtype=args.dtype, output=args.output, hparams=args.hparams,
-                     circuits=not args.no_circuits, top_n=args.top_n or DEFAULT_TOP_N, only_known=args.known_only,
+                     circuits=not args.no_circuits, generation=not args.no_generation,
+                     top_n=args.top_n or DEFAULT_TOP_N, only_known=args.known_only,
                      batch_size=args.batch_size, sequential=args.sequential, relation_circuits=args.relation_circuits,
                      eval_every=5 if args.eval_every is None else args.eval_every, eval_sample=args.eval_sample,
                      ppl_texts=args.ppl_texts,
@@ -146,7 +150,8 @@ def _given_options(args: argparse.Namespace) -> dict:
     """The run options set on the command line (not left at their defaults), as RunConfig fields."""
     given = {key: getattr(args, key) for key, default in RUN_DEFAULTS.items() if getattr(args, key) != default}
     given.update({"editor": args.editor} if args.editor else {})
-    flags = {"no_circuits": ("circuits", False), "known_only": ("only_known", True), "sequential": ("sequential", True),
+    flags = {"no_circuits": ("circuits", False), "no_generation": ("generation", False),
+             "known_only": ("only_known", True), "sequential": ("sequential", True),
              "relation_circuits": ("relation_circuits", True), "save_scores": ("save_scores", True)}
     given.update({name: value for flag, (name, value) in flags.items() if getattr(args, flag)})
     return given

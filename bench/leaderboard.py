@@ -3,7 +3,8 @@
 Every cell is a metric's mean over the run's cases with its 95% percentile-bootstrap interval, as
 `bench.results.summarize` computes it from the run's cases.jsonl (so older run folders get intervals
 too). Columns are grouped by metric family and families are never averaged together. Sequential
-(lifelong) runs are not table rows; their sequential.jsonl curves are plotted instead. Each row has a
+(lifelong) runs are not rows of those tables: their sequential.jsonl curves get their own tables (the last
+point of each, then every point) and a plot. Each row has a
 provenance footnote: run id, model checksum, dataset hash, harness commit, device.
 
 Formats: markdown (default), JSON (everything, nested) and CSV (one line per row and metric).
@@ -37,7 +38,8 @@ from lmview.io import read_mapping
 HIDDEN_IN_MARKDOWN = {"paraphrase_magnitude", "neighborhood_magnitude", "seconds_per_circuit"}
 METRIC_ORDER = [m.name for m in METRICS]
 METRIC_ORDER.insert(METRIC_ORDER.index("neighborhood_score") + 1, "score")
-SEQUENTIAL_PANELS = [("efficacy", "efficacy (ES)"), ("neighborhood", "neighbourhood (NS)"), ("ppl", "perplexity")]
+SEQUENTIAL_PANELS = [("efficacy", "efficacy (ES)"), ("neighborhood", "neighbourhood (NS)"), ("ppl", "perplexity"),
+                     ("update_norm", "‖W_t − W_0‖ (all edited tensors)")]
 
 
 @dataclass
@@ -258,9 +260,24 @@ def curve_collapsed(points: list[dict[str, Any]]) -> bool:
     return collapsed_at(points) is not None
 
 
+def update_norm(point: dict[str, Any]) -> float | None:
+    """‖W_t − W_0‖ over every tensor edited so far, as one vector: the root of the per-tensor squared
+    Frobenius norms the curve point records (0 before any edit; None when the point records none)."""
+    weights = point.get("weights")
+    if not isinstance(weights, list):
+        return 0.0 if point.get("n_edits") == 0 else None
+    norms = [_numeric(w.get("delta_norm")) for w in weights if isinstance(w, dict)]
+    return None if any(n is None for n in norms) else math.sqrt(sum(n * n for n in norms))
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else number(value)
+
+
 def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
-    """The last point of each sequential curve: all edits so far re-scored, and the perplexity drift."""
-    header = ["Editor", "edits", "ES", "PS", "NS", "S", "PPL before", "PPL after", "ΔPPL"]
+    """The last point of each sequential curve: the edits so far re-scored, the perplexity drift and the
+    size of the accumulated update."""
+    header = ["Editor", "edits", "ES", "PS", "NS", "S", "PPL before", "PPL after", "ΔPPL", "‖W_t − W_0‖"]
     body = []
     for index, row in enumerate(rows, start=first_note):
         points = read_curve(row.path / "sequential.jsonl")
@@ -273,7 +290,22 @@ def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
         at = collapsed_at(points)
         mark = "" if at is None else f" {COLLAPSED_MARK} at {at} edits"
         body.append([f"{row.label} [{index}]{mark}", last.get("n_edits"),
-                     *("–" if v is None else number(v) for v in (*values, ppl0, ppl1, drift))])
+                     *(_cell(v) for v in (*values, ppl0, ppl1, drift, update_norm(last)))])
+    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
+
+
+def curve_table(rows: list[RunRow], first_note: int = 1) -> str:
+    """Every point of each sequential curve: the edits so far, the cases re-scored at that point, the
+    scores, the perplexity and its ratio to the unedited model's, and the accumulated update."""
+    header = ["Editor", "edits", "scored", "ES", "PS", "NS", "S", "PPL", "PPL / PPL₀", "‖W_t − W_0‖", "collapsed"]
+    body = []
+    for index, row in enumerate(rows, start=first_note):
+        for point in read_curve(row.path / "sequential.jsonl"):
+            values = [_numeric(point.get(k)) for k in ("efficacy", "paraphrase", "neighborhood", "score", "ppl",
+                                                       "ppl_ratio")]
+            body.append([f"{row.label} [{index}]", point.get("n_edits"), point.get("n_scored", "–"),
+                         *(_cell(v) for v in (*values, update_norm(point))),
+                         "yes" if point.get("collapsed") else "no"])
     return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
 
 
@@ -559,8 +591,10 @@ def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None
             parts += [line + "  " for line in notes] + [""]
         if sequential.get((model, dataset)):
             seq_rows = sequential[(model, dataset)]
-            parts += ["Sequential editing (edits accumulate; ES/PS/NS/S re-scored over every edit so far at the "
-                      "last point; perplexity on held-out Wikipedia text):", "", sequential_table(seq_rows, note), ""]
+            parts += ["Sequential editing (edits accumulate; ES/PS/NS/S re-scored at the last point over every edit "
+                      "so far, or over the edited cases of the run's fixed `--eval-sample`; perplexity on held-out "
+                      "Wikipedia text; ‖W_t − W_0‖: the accumulated update of every edited tensor, Frobenius):", "",
+                      sequential_table(seq_rows, note), "", "Every curve point:", "", curve_table(seq_rows, note), ""]
             parts += [f"{provenance_note(note + i, row)}  " for i, row in enumerate(seq_rows)] + [""]
             note += len(seq_rows)
         parts += [f"![{Path(link).stem}]({link})" for link in (charts or {}).get((model, dataset), [])]
@@ -710,10 +744,11 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial:
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
         return False
-    fig, axes = pyplot().subplots(1, len(SEQUENTIAL_PANELS), figsize=(11, 3.4))
+    fig, axes = pyplot().subplots(1, len(SEQUENTIAL_PANELS), figsize=(14, 3.4))
     for ax, (key, name) in zip(axes, SEQUENTIAL_PANELS):
         for label, points in curves.items():
-            xy = [(p["n_edits"], p[key]) for p in points if isinstance(p.get(key), (int, float))]
+            values = [(p["n_edits"], update_norm(p) if key == "update_norm" else p.get(key)) for p in points]
+            xy = [(x, y) for x, y in values if isinstance(y, (int, float))]
             if xy:
                 shown = f"{label} ({COLLAPSED_MARK.split()[-1]})" if curve_collapsed(points) else label
                 ax.plot(*zip(*xy), marker="o", markersize=3, label=shown,
@@ -721,6 +756,8 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial:
         ax.set_xlabel("edits so far")
         if key == "ppl":
             ax.set_yscale("log")  # a collapsing editor's perplexity is orders of magnitude above the rest
+        elif key != "update_norm":
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(name, fontsize=9)
     save_figure(fig, path, ax=axes[0], legend_size=7, suptitle=f"Sequential editing · {title}")
     return True

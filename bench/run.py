@@ -78,6 +78,7 @@ class RunConfig:
     output: str = "runs"
     hparams: str | None = None
     circuits: bool = True
+    generation: bool = True  # the free-generation family (greedy continuations): most of a case's CPU scoring time
     top_n: int = DEFAULT_TOP_N
     graph: str = DEFAULT_GRAPH  # circuit graph: "ungrouped" (EAP-IG/MIB) or "grouped" k/v receivers
     ablation: str = "corrupted"  # circuits: corrupted | zero | mean
@@ -315,7 +316,8 @@ def measure_after(bundle: ModelBundle, editor: Editor, case: EditCase, before: C
     edited = editor.evaluation_case(case)
     record["post"] = counterfact_scores(case_target_nll(model, tok, edited, dev))
     record["post_easyedit"], _ = easyedit_scores(model, tok, edited, dev, before.locality_tokens)
-    record["post_generation"], record["post_generation_text"] = generation_metrics(model, tok, edited, dev)
+    if cfg.generation:
+        record["post_generation"], record["post_generation_text"] = generation_metrics(model, tok, edited, dev)
     record["drift_kl"] = drift_kl(pre_next, neighborhood_next_token(model, tok, edited, dev))
     record["lens_post"] = lens_of(bundle, case, edited)
     if cfg.circuits and pre is not None:

@@ -2,7 +2,8 @@
 # Lifelong editing curves on CounterFact (issue 14): one `bench run --sequential` per editor, the edits
 # accumulating in one model, a curve point every EVAL_EVERY edits on a fixed sample of EVAL_SAMPLE edited
 # cases, with the weight norms and held-out perplexity that flag collapse. Batched editors edit sequential
-# batches of BATCH cases (AlphaEdit's setting: 100); the others one case at a time.
+# batches of BATCH cases (AlphaEdit's setting: 100); the others one case at a time. Each case's record keeps
+# its immediate pre/post scores but not the free-generation family (--no-generation), which the curve does not use.
 #
 #   bash benchmarks/lifelong.sh                       # the full stream: 1,000 edits, batches of 100, on cuda
 #   N=200 BATCH=10 EVAL_EVERY=40 EVAL_SAMPLE=50 DEVICE=cpu JOBS=2 bash benchmarks/lifelong.sh   # the CPU curve
@@ -24,7 +25,8 @@ stream() {  # editor, batch size
   [ "$2" -gt 1 ] && [ $((every % $2)) -ne 0 ] && every=$2
   echo "$(date -u +%H:%M:%S) $1: $N edits, batch $2, a curve point every $every"
   $PYTHON -m bench run --editor "$1" --dataset counterfact --n "$N" --sequential --batch-size "$2" \
-    --eval-every "$every" --eval-sample "$EVAL_SAMPLE" --no-circuits --device "$DEVICE" --output "$OUTPUT" \
+    --eval-every "$every" --eval-sample "$EVAL_SAMPLE" --no-circuits --no-generation --device "$DEVICE" \
+    --output "$OUTPUT" \
     > "$LOGS/$1.log" 2>&1
   local rc=$?
   echo "$(date -u +%H:%M:%S) $1: exit $rc ($(tail -n 1 "$LOGS/$1.log"))"

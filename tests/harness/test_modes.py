@@ -312,6 +312,30 @@ def test_cli_sequential_run_writes_curve_and_mode(tmp_path, monkeypatch, device)
     assert len((run_dir / "cases.jsonl").read_text().splitlines()) == 3
 
 
+def test_no_generation_leaves_out_only_the_generation_family(tmp_path, monkeypatch, device):
+    monkeypatch.setattr(bench.run, "heldout_for_ppl", lambda n: TEXTS[:2] if n else None)
+    runs = {}
+    for flag in ([], ["--no-generation"]):
+        out = tmp_path / f"runs{len(flag)}"
+        assert main(["run", "--editor", "test-add", "--model", "tiny-gpt2", "--n", "2", "--no-circuits",
+                     "--sequential", "--eval-every", "1", "--output", str(out), "--device", device,
+                     "--hparams", no_hparams(tmp_path), *flag]) == 0
+        (run_dir,) = out.iterdir()
+        records = [json.loads(line) for line in (run_dir / "cases.jsonl").read_text().splitlines()]
+        curve = [json.loads(line) for line in (run_dir / "sequential.jsonl").read_text().splitlines()]
+        config = json.loads((run_dir / "manifest.json").read_text())["config"]
+        runs[bool(flag)] = records, curve, config
+    (with_gen, curve_with, config_with), (without, curve_without, config_without) = runs[False], runs[True]
+    assert config_with["generation"] is True and config_without["generation"] is False
+    generation = {"post_generation", "post_generation_text"}
+    assert all(generation <= set(r) for r in with_gen) and not any(generation & set(r) for r in without)
+    timing = {"seconds_edit"}
+    assert [{k: v for k, v in r.items() if k not in generation | timing} for r in with_gen] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in without]
+    assert [{k: v for k, v in p.items() if k != "seconds"} for p in curve_with] == \
+           [{k: v for k, v in p.items() if k != "seconds"} for p in curve_without]
+
+
 def test_cli_batch_run_one_line_per_case(tmp_path, monkeypatch, device):
     monkeypatch.setattr(bench.run, "heldout_for_ppl", lambda n: TEXTS[:2] if n else None)
     out = tmp_path / "runs"
