@@ -274,10 +274,28 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else number(value)
 
 
+def unedited_cell(point: dict[str, Any]) -> str:
+    """The unedited model's ES / NS on the cases the point re-scored (recorded by runs since it existed)."""
+    unedited = point.get("unedited")
+    if not isinstance(unedited, dict):
+        return "–"
+    return f"{_cell(_numeric(unedited.get('efficacy')))} / {_cell(_numeric(unedited.get('neighborhood')))}"
+
+
+def _table_without_empty(header: list[str], body: list[list[Any]], optional: str) -> str:
+    """The github table, leaving out the column `optional` when none of its cells has a value."""
+    column = header.index(optional)
+    if all(line[column] == "–" for line in body):
+        header = header[:column] + header[column + 1:]
+        body = [line[:column] + line[column + 1:] for line in body]
+    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
+
+
 def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
     """The last point of each sequential curve: the edits so far re-scored, the perplexity drift and the
     size of the accumulated update."""
-    header = ["Editor", "edits", "ES", "PS", "NS", "S", "PPL before", "PPL after", "ΔPPL", "‖W_t − W_0‖"]
+    header = ["Editor", "edits", "ES", "PS", "NS", "S", "unedited ES / NS", "PPL before", "PPL after", "ΔPPL",
+              "‖W_t − W_0‖"]
     body = []
     for index, row in enumerate(rows, start=first_note):
         points = read_curve(row.path / "sequential.jsonl")
@@ -289,24 +307,25 @@ def sequential_table(rows: list[RunRow], first_note: int = 1) -> str:
         values = [_numeric(last.get(k)) for k in ("efficacy", "paraphrase", "neighborhood", "score")]
         at = collapsed_at(points)
         mark = "" if at is None else f" {COLLAPSED_MARK} at {at} edits"
-        body.append([f"{row.label} [{index}]{mark}", last.get("n_edits"),
-                     *(_cell(v) for v in (*values, ppl0, ppl1, drift, update_norm(last)))])
-    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
+        body.append([f"{row.label} [{index}]{mark}", last.get("n_edits"), *(_cell(v) for v in values),
+                     unedited_cell(last), *(_cell(v) for v in (ppl0, ppl1, drift, update_norm(last)))])
+    return _table_without_empty(header, body, "unedited ES / NS")
 
 
 def curve_table(rows: list[RunRow], first_note: int = 1) -> str:
     """Every point of each sequential curve: the edits so far, the cases re-scored at that point, the
     scores, the perplexity and its ratio to the unedited model's, and the accumulated update."""
-    header = ["Editor", "edits", "scored", "ES", "PS", "NS", "S", "PPL", "PPL / PPL₀", "‖W_t − W_0‖", "collapsed"]
+    header = ["Editor", "edits", "scored", "ES", "PS", "NS", "S", "unedited ES / NS", "PPL", "PPL / PPL₀",
+              "‖W_t − W_0‖", "collapsed"]
     body = []
     for index, row in enumerate(rows, start=first_note):
         for point in read_curve(row.path / "sequential.jsonl"):
-            values = [_numeric(point.get(k)) for k in ("efficacy", "paraphrase", "neighborhood", "score", "ppl",
-                                                       "ppl_ratio")]
+            scores = [_numeric(point.get(k)) for k in ("efficacy", "paraphrase", "neighborhood", "score")]
+            drift = [_numeric(point.get(k)) for k in ("ppl", "ppl_ratio")]
             body.append([f"{row.label} [{index}]", point.get("n_edits"), point.get("n_scored", "–"),
-                         *(_cell(v) for v in (*values, update_norm(point))),
-                         "yes" if point.get("collapsed") else "no"])
-    return tabulate(body, headers=header, tablefmt="github", disable_numparse=True) if body else ""
+                         *(_cell(v) for v in scores), unedited_cell(point),
+                         *(_cell(v) for v in (*drift, update_norm(point))), "yes" if point.get("collapsed") else "no"])
+    return _table_without_empty(header, body, "unedited ES / NS")
 
 
 def grouped(rows: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
@@ -592,7 +611,8 @@ def to_markdown(groups: dict[tuple[str, str], list[RunRow]], command: str | None
         if sequential.get((model, dataset)):
             seq_rows = sequential[(model, dataset)]
             parts += ["Sequential editing (edits accumulate; ES/PS/NS/S re-scored at the last point over every edit "
-                      "so far, or over the edited cases of the run's fixed `--eval-sample`; perplexity on held-out "
+                      "so far, or over the edited cases of the run's fixed `--eval-sample`; unedited ES / NS: the "
+                      "same cases on the unedited weights; perplexity on held-out "
                       "Wikipedia text; ‖W_t − W_0‖: the accumulated update of every edited tensor, Frobenius):", "",
                       sequential_table(seq_rows, note), "", "Every curve point:", "", curve_table(seq_rows, note), ""]
             parts += [f"{provenance_note(note + i, row)}  " for i, row in enumerate(seq_rows)] + [""]

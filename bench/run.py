@@ -474,32 +474,58 @@ def curve_sample(cases: list[EditCase], size: int, seed: int) -> frozenset[str] 
     return frozenset(c.case_id for c in random.Random(seed).sample(cases, size))
 
 
+CURVE_SCORES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+
+
+@torch.no_grad()
+def unedited_scores(bundle: ModelBundle, cases: list[EditCase], sample: frozenset[str] | None
+                    ) -> dict[str, dict[str, float]]:
+    """ES, PS and NS of each case a curve will re-score (the sample, or every case) on the unedited weights,
+    for the curve's unedited reference; the plain case, as the model sees it before any edit."""
+    model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
+    out = {}
+    for case in cases:
+        if sample is None or case.case_id in sample:
+            scores = counterfact_scores(case_target_nll(model, tok, case, dev))
+            out[case.case_id] = {k: scores[k] for k in CURVE_SCORES if scores.get(k) is not None}
+    return out
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def curve_scores(kept: list[dict[str, Any]], scored: list[dict[str, Any]]) -> dict[str, float | None]:
+    """A curve point's ES and PS (over the cases whose edit is in the model), NS (over every scored case)
+    and their harmonic mean S."""
+    out = {"efficacy": _mean(kept, "efficacy_score"), "paraphrase": _mean(kept, "paraphrase_score"),
+           "neighborhood": _mean(scored, "neighborhood_score")}
+    parts = list(out.values())
+    out["score"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
+    return out
+
+
 @torch.no_grad()
 def curve_point(bundle: ModelBundle, editor: Editor, seen: list[tuple[EditCase, bool]],
                 texts: tuple[str, ...] | None, started: float, originals: dict[str, torch.Tensor] | None = None,
-                ppl_base: float | None = None, sample: frozenset[str] | None = None) -> dict[str, Any]:
+                ppl_base: float | None = None, sample: frozenset[str] | None = None,
+                unedited: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Re-scores the cases so far (those in `sample`, when given) on the current weights: efficacy,
-    paraphrase and magnitude over the cases whose edit is in the model, neighbourhood over all of them; plus
-    held-out perplexity, its ratio to the unedited model's (ppl_base), the collapse flag (COLLAPSE_CRITERION)
-    and the norms of the weights edited so far."""
+    paraphrase and magnitude over the cases whose edit is in the model, neighbourhood over all of them; the
+    same means of the same cases on the unedited weights (`unedited`: per-case scores); plus held-out
+    perplexity, its ratio to the unedited model's (ppl_base), the collapse flag (COLLAPSE_CRITERION) and the
+    norms of the weights edited so far."""
     model, tok, dev = bundle.model, bundle.tokenizer, bundle.device
     scored = [(case, ok) for case, ok in seen if sample is None or case.case_id in sample]
     scores = [(counterfact_scores(case_target_nll(model, tok, editor.evaluation_case(case), dev)), ok)
               for case, ok in scored]
-    kept = [s for s, ok in scores if ok]
-
-    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
-        values = [r[key] for r in rows if r.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
-    point: dict[str, Any] = {
-        "n_edits": sum(ok for _, ok in seen), "n_cases": len(seen), "n_scored": len(scored),
-        "efficacy": mean(kept, "efficacy_score"), "paraphrase": mean(kept, "paraphrase_score"),
-        "neighborhood": mean([s for s, _ in scores], "neighborhood_score"),
-        "efficacy_magnitude": mean(kept, "efficacy_magnitude"),
-    }
-    parts = [point["efficacy"], point["paraphrase"], point["neighborhood"]]
-    point["score"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
+    point: dict[str, Any] = {"n_edits": sum(ok for _, ok in seen), "n_cases": len(seen), "n_scored": len(scored),
+                             **curve_scores([s for s, ok in scores if ok], [s for s, _ in scores]),
+                             "efficacy_magnitude": _mean([s for s, ok in scores if ok], "efficacy_magnitude")}
+    if unedited is not None and scored:
+        before = [(unedited.get(case.case_id, {}), ok) for case, ok in scored]
+        point["unedited"] = curve_scores([s for s, ok in before if ok], [s for s, _ in before])
     ppl = held_out_perplexity(bundle, texts)
     point["ppl"] = ppl if ppl is None or math.isfinite(ppl) else None
     point["n_ppl_texts"] = len(texts) if texts else 0
@@ -527,12 +553,17 @@ def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], p
     originals.update(state.originals)
     seen, points, first_batch = state.seen, state.points, state.batches_done
     sample = curve_sample(cases, cfg.eval_sample, cfg.seed)
-    if not points:
-        points.append(curve_point(bundle, editor, seen, texts, started))
+    if not points:  # the first point also keeps every re-scored case's scores on the unedited weights
+        first = curve_point(bundle, editor, seen, texts, started)
+        first["unedited_cases"] = unedited_scores(bundle, cases, sample)
+        first["unedited"] = curve_scores(*[list(first["unedited_cases"].values())] * 2)
+        points.append(first)
         append_jsonl(curve_path, points[-1])
+    unedited = points[0].get("unedited_cases")
 
     def add_point() -> None:
-        points.append(curve_point(bundle, editor, seen, texts, started, originals, points[0]["ppl"], sample))
+        points.append(curve_point(bundle, editor, seen, texts, started, originals, points[0]["ppl"], sample,
+                                  unedited))
         append_jsonl(curve_path, points[-1])
         if points[-1]["collapsed"] and not any(p.get("collapsed") for p in points[:-1]):
             log.warning("sequential: the model collapsed after %d edits: held-out perplexity %s, %.1fx the "

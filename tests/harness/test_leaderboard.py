@@ -185,7 +185,7 @@ def test_markdown_groups_intervals_and_provenance(runs, tmp_path, capsys):
     assert "run `r5-rome-seq`" in text and text.index("r5-rome-seq") > text.index("Sequential editing")
     seq_line = next(line for line in text.splitlines() if line.startswith("| rome [") and "| 2 " in line)
     cells = [c.strip() for c in seq_line.strip("|").split("|")]
-    assert cells[1:] == ["2", "0.80", "–", "0.90", "–", "20.0", "22.0", "2.00", "–"]
+    assert cells[1:] == ["2", "0.80", "–", "0.90", "–", "20.0", "22.0", "2.00", "–"]  # no unedited reference: no column
     assert "#### CounterFact: sequence log-likelihood comparison" in text and "#### Drift" in text
     legend = text[text.index("## Metric legend"):]
     assert "| ES " in legend and "`counterfact.mean_token_nll.success`" in legend and "experiments/summarize.py" in legend
@@ -322,7 +322,8 @@ def test_curve_points_are_tabulated_with_the_accumulated_update_norm(tmp_path, c
                {"tensor": "l6", "layer": 6, "delta_norm": 4.0, "norm": 11.0, "norm_0": 10.0}]
     curve = [{"n_edits": 0, "n_scored": 0, "ppl": 20.0, "ppl_ratio": 1.0, "collapsed": False},
              {"n_edits": 10, "n_scored": 4, "efficacy": 0.75, "paraphrase": 0.5, "neighborhood": 1.0, "score": 0.6667,
-              "ppl": 250.0, "ppl_ratio": 12.5, "collapsed": True, "weights": weights}]
+              "unedited": {"efficacy": 0.25, "neighborhood": 0.875}, "ppl": 250.0, "ppl_ratio": 12.5,
+              "collapsed": True, "weights": weights}]
     write_run(runs, "r1-memit-seq", "memit", "m1", "counterfact", "2026-01-04T00:00:00",
               [record(1.0, 1.0, 1.0, 0.0, 0.9)], sequential=curve)
     out = tmp_path / "LB.md"
@@ -331,10 +332,11 @@ def test_curve_points_are_tabulated_with_the_accumulated_update_norm(tmp_path, c
              if line.startswith("| memit [")]
     last, *points = lines
     # the summary row: ‖W_t − W_0‖ = sqrt(3² + 4²) over both edited tensors, collapse marked at 10 edits
-    assert last == ["memit [1] ⚠ collapsed at 10 edits", "10", "0.75", "0.50", "1.00", "0.67", "20.0", "250",
-                    "230", "5.00"]
-    assert points == [["memit [1]", "0", "0", "–", "–", "–", "–", "20.0", "1.00", "0.00", "no"],
-                      ["memit [1]", "10", "4", "0.75", "0.50", "1.00", "0.67", "250", "12.5", "5.00", "yes"]]
+    assert last == ["memit [1] ⚠ collapsed at 10 edits", "10", "0.75", "0.50", "1.00", "0.67", "0.25 / 0.88", "20.0",
+                    "250", "230", "5.00"]
+    assert points == [["memit [1]", "0", "0", "–", "–", "–", "–", "–", "20.0", "1.00", "0.00", "no"],
+                      ["memit [1]", "10", "4", "0.75", "0.50", "1.00", "0.67", "0.25 / 0.88", "250", "12.5", "5.00",
+                       "yes"]]
 
 
 def test_the_unedited_models_scores_come_from_the_cases_pre_edit_scores(tmp_path):

@@ -223,6 +223,17 @@ def test_sequential_curve_points_and_bitwise_restore(tiny_model, tmp_path, monke
                        ("neighborhood", "neighborhood_score"), ("efficacy_magnitude", "efficacy_magnitude")):
         assert point[key] == pytest.approx(sum(s[field] for s in scores) / 2, rel=1e-5, abs=1e-9), key
     assert point["ppl"] == pytest.approx(ppl_two, rel=1e-6) and point["ppl"] != points[0]["ppl"]
+    # the unedited reference: every case scored on the restored (unedited) weights, the point's means over its cases
+    plain = {c.case_id: counterfact_scores(case_target_nll(model, tok, c, dev)) for c in cases}
+    assert set(points[0]["unedited_cases"]) == set(plain)
+    for case_id, row in points[0]["unedited_cases"].items():
+        assert row == pytest.approx({k: plain[case_id][k] for k in row}, rel=1e-5, abs=1e-9)
+        assert set(row) == {"efficacy_score", "paraphrase_score", "neighborhood_score"}
+    for key, field in (("efficacy", "efficacy_score"), ("neighborhood", "neighborhood_score")):
+        assert point["unedited"][key] == pytest.approx(sum(plain[c.case_id][field] for c in cases[:2]) / 2,
+                                                       rel=1e-5, abs=1e-9), key
+        assert points[0]["unedited"][key] == pytest.approx(sum(p[field] for p in plain.values()) / 5, rel=1e-5,
+                                                           abs=1e-9), key
 
 
 def test_sequential_curve_re_scores_only_the_fixed_sample(tiny_model, tmp_path, monkeypatch):
@@ -237,6 +248,7 @@ def test_sequential_curve_re_scores_only_the_fixed_sample(tiny_model, tmp_path, 
     assert [(p["n_edits"], p["n_cases"]) for p in points] == [(0, 0), (4, 4), (6, 6)]
     first_four = [c for c in cases[:4] if c.case_id in sample]
     assert points[1]["n_scored"] == len(first_four) and points[2]["n_scored"] == 3
+    assert set(points[0]["unedited_cases"]) == sample  # the unedited reference covers the sample only
 
     # independent recomputation of the last point: all six edits applied by hand, the sampled cases scored
     model, tok, dev = tiny_model.model, tiny_model.tokenizer, tiny_model.device
