@@ -764,6 +764,7 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial:
     curves = {label: points for label, points in curves.items() if points}
     if not curves:
         return False
+    colours = {label: f"C{i % 10}" for i, label in enumerate(curves)}  # one colour per editor in every panel
     fig, axes = pyplot().subplots(1, len(SEQUENTIAL_PANELS), figsize=(14, 3.4))
     for ax, (key, name) in zip(axes, SEQUENTIAL_PANELS):
         for label, points in curves.items():
@@ -771,7 +772,7 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial:
             xy = [(x, y) for x, y in values if isinstance(y, (int, float))]
             if xy:
                 shown = f"{label} ({COLLAPSED_MARK.split()[-1]})" if curve_collapsed(points) else label
-                ax.plot(*zip(*xy), marker="o", markersize=3, label=shown,
+                ax.plot(*zip(*xy), marker="o", markersize=3, label=shown, color=colours[label],
                         linestyle="--" if curve_collapsed(points) else "-")
         ax.set_xlabel("edits so far")
         if key == "ppl":
@@ -779,7 +780,8 @@ def plot_sequential(runs: list[RunRow], title: str, path: Path, include_partial:
         elif key != "update_norm":
             ax.set_ylim(-0.02, 1.02)
         ax.set_title(name, fontsize=9)
-    save_figure(fig, path, ax=axes[0], legend_size=7, suptitle=f"Sequential editing · {title}")
+    legend_ax = max(axes, key=lambda ax: len(ax.get_lines()))  # the panel where every editor has a line
+    save_figure(fig, path, ax=legend_ax, legend_size=7, suptitle=f"Sequential editing · {title}")
     return True
 
 
