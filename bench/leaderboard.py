@@ -262,10 +262,13 @@ def curve_collapsed(points: list[dict[str, Any]]) -> bool:
 
 def update_norm(point: dict[str, Any]) -> float | None:
     """‖W_t − W_0‖ over every tensor edited so far, as one vector: the root of the per-tensor squared
-    Frobenius norms the curve point records (0 before any edit; None when the point records none)."""
+    Frobenius norms the curve point records (0 before any edit; None when the point records no tensor, as
+    for an editor that keeps its edits outside the model's weights, e.g. WISE's side memory)."""
+    if point.get("n_edits") == 0:
+        return 0.0
     weights = point.get("weights")
-    if not isinstance(weights, list):
-        return 0.0 if point.get("n_edits") == 0 else None
+    if not isinstance(weights, list) or not weights:
+        return None
     norms = [_numeric(w.get("delta_norm")) for w in weights if isinstance(w, dict)]
     return None if any(n is None for n in norms) else math.sqrt(sum(n * n for n in norms))
 

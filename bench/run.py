@@ -556,7 +556,8 @@ def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], p
     if not points:  # the first point also keeps every re-scored case's scores on the unedited weights
         first = curve_point(bundle, editor, seen, texts, started)
         first["unedited_cases"] = unedited_scores(bundle, cases, sample)
-        first["unedited"] = curve_scores(*[list(first["unedited_cases"].values())] * 2)
+        every_case = list(first["unedited_cases"].values())
+        first["unedited"] = curve_scores(every_case, every_case)
         points.append(first)
         append_jsonl(curve_path, points[-1])
     unedited = points[0].get("unedited_cases")

@@ -32,12 +32,8 @@ stream() {  # editor, batch size
   echo "$(date -u +%H:%M:%S) $1: exit $rc ($(tail -n 1 "$LOGS/$1.log"))"
 }
 
-for editor in $BATCHED; do
+for job in $(printf "%s:$BATCH " $BATCHED) $(printf "%s:1 " $SINGLE); do  # editor:batch size
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-  stream "$editor" "$BATCH" &
-done
-for editor in $SINGLE; do
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-  stream "$editor" 1 &
+  stream "${job%:*}" "${job##*:}" &
 done
 wait
