@@ -37,10 +37,11 @@ succeeds when the continuation contains target_new (case-insensitive).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 import torch
@@ -50,6 +51,7 @@ from lmview.case import EditCase
 from lmview.tokens import build_batch, prompt_ids
 
 GENERATION_MAX_NEW_TOKENS = 20
+GreedyDecoder = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
 ENTROPY_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
 _WORD = re.compile(r"\w+|[^\w\s]")
 _TFIDF_WORD = re.compile(r"(?u)\b\w\w+\b")
@@ -121,16 +123,19 @@ def easyedit_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                     device: torch.device | str, max_new_tokens: int = GENERATION_MAX_NEW_TOKENS,
-                    batch_size: int = 16) -> list[str]:
-    """The greedy continuation (text after the prompt) of each prompt, batched with left padding."""
+                    batch_size: int = 16, decode: GreedyDecoder | None = None) -> list[str]:
+    """The greedy continuation (text after the prompt) of each prompt, batched with left padding. With a KV
+    cache unless a forward hook sits on the model (then the whole sequence is re-run at every step); `decode`
+    forces one of the two."""
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        texts += _greedy_batch(model, tokenizer, list(prompts[start: start + batch_size]), device, max_new_tokens)
+        texts += _greedy_batch(model, tokenizer, list(prompts[start: start + batch_size]), device, max_new_tokens,
+                               decode)
     return texts
 
 
 def _greedy_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                  device: torch.device | str, max_new_tokens: int) -> list[str]:
+                  device: torch.device | str, max_new_tokens: int, decode: GreedyDecoder | None) -> list[str]:
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -140,16 +145,50 @@ def _greedy_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
     ids, mask = ids.to(device), mask.to(device)
+    if decode is None:
+        decode = _greedy_tokens_recomputed if has_forward_hooks(model) else _greedy_tokens_cached
+    tokens = decode(model, ids, mask, max_new_tokens)
+    return tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+
+
+def has_forward_hooks(model: torch.nn.Module) -> bool:
+    """Whether a forward (pre-)hook sits on the model or any submodule, or globally. Editors that act through
+    hooks (GRACE, WISE) may read the whole sequence at each call, which a KV cache would hide from them."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _greedy_tokens_cached(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy tokens with a KV cache: the prompt once, then one token per step (left padding kept masked)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    generated, step_ids = [], ids
+    for _ in range(steps):
+        positions = ((mask.cumsum(-1) - 1).clamp(min=0))[:, -step_ids.shape[1]:]
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_arg: cache}).logits
+        step_ids = logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(step_ids)
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return torch.cat(generated, dim=1)
+
+
+def _greedy_tokens_recomputed(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int
+                              ) -> torch.Tensor:
+    """Greedy tokens re-running the whole sequence at every step (what a hooked model needs)."""
     generated = []
-    for _ in range(max_new_tokens):  # no KV cache: TransformerBridge-wrapped attention ignores it
+    for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        step = logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1, keepdim=True)
         generated.append(step)
         ids = torch.cat([ids, step], dim=1)
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-    tokens = torch.cat(generated, dim=1).tolist()
-    return tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return torch.cat(generated, dim=1)
 
 
 def contains_target(continuation: str, target: str) -> bool:

@@ -3,7 +3,9 @@
     python -m benchmarks.throughput --model smollm2-135m --editor rome --cases 2 \
         --json benchmarks/results/throughput-cpu.json
 
-0. Scoring: one case's CounterFact scoring batch from the full logits against the target positions only.
+0. Scoring: one case's CounterFact scoring batch from the full logits against the target positions only;
+   and one case's greedy generations (the prompts of bench.metrics.generation_metrics) with a KV cache against
+   re-running the whole sequence at every step (what a hooked editor needs), and whether their tokens agree.
 1. Phases of one `bench run` case (the run's own code, bench.run.run_case, timed per phase by wrapping the
    functions it calls): pre-scores, edit, post-scores, circuits, held-out perplexity.
 2. The edit against its floor: the floating-point operations the edit executes (torch's FlopCounterMode,
@@ -113,6 +115,27 @@ def scoring_full_against_target_positions(bundle: Any, cases: list) -> dict[str,
         worst = max(worst, float((full - only).abs().max()))
     return {"cases": len(cases), "bitwise_equal": equal, "max_abs_difference": worst,
             "cpu_seconds_full_logits": cpu_full, "cpu_seconds_target_positions": cpu_targets}
+
+
+def generation_cached_against_recomputed(bundle: Any, cases: list) -> dict[str, Any]:
+    """Each case's generation prompts decoded greedily both ways: process CPU seconds and token agreement."""
+    from bench import metrics
+
+    cpu = {"cached": 0.0, "recomputed": 0.0}
+    equal = 0
+    for case in cases:
+        rows = [case.rewrite_prompt, *case.paraphrases, *case.generation_prompts]
+        texts = {}
+        for name, decode in (("cached", metrics._greedy_tokens_cached),
+                             ("recomputed", metrics._greedy_tokens_recomputed)):
+            start = time.process_time()
+            texts[name] = metrics.greedy_generate(bundle.model, bundle.tokenizer, rows, bundle.device,
+                                                      decode=decode)
+            cpu[name] += time.process_time() - start
+        equal += texts["cached"] == texts["recomputed"]
+    return {"cases": len(cases), "texts_equal": equal, "max_new_tokens": metrics.GENERATION_MAX_NEW_TOKENS,
+            "cpu_seconds_cached": cpu["cached"], "cpu_seconds_recomputed": cpu["recomputed"],
+            "recomputed_over_cached": cpu["recomputed"] / cpu["cached"]}
 
 
 def setup(model: str, editor_name: str, n: int, threads: int, device: str = "cpu"):
@@ -232,7 +255,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=2, help="edits timed per measurement (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for parts 1 and 2 (default 1)")
     parser.add_argument("--scoring-cases", type=int, default=10, help="facts for the scoring comparison (default 10)")
-    parser.add_argument("--only-scoring", action="store_true", help="part 0 only")
+    parser.add_argument("--only-scoring", action="store_true", help="part 0 only (scoring and generation)")
     parser.add_argument("--only-matmul", action="store_true", help="part 0 and the matmul rates only")
     parser.add_argument("--skip-phases", action="store_true", help="skip part 1 (a full case with circuits)")
     parser.add_argument("--skip-scaling", action="store_true", help="skip part 3 (workers against threads)")
@@ -256,6 +279,8 @@ def main() -> None:
                                         args.threads)
     result["scoring"] = scoring_full_against_target_positions(bundle, cases[:args.scoring_cases])
     print(json.dumps(result["scoring"], indent=2), flush=True)
+    result["generation"] = generation_cached_against_recomputed(bundle, cases[:args.scoring_cases])
+    print(json.dumps(result["generation"], indent=2), flush=True)
     if args.only_scoring:
         write(result, args.json)
         return

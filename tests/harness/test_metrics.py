@@ -167,6 +167,30 @@ def test_greedy_generate_batched_matches_reference(tiny_model) -> None:
     assert batched == [greedy_reference(tiny_model, p, 6) for p in prompts]
 
 
+def test_greedy_generate_recomputes_when_a_hook_reads_the_sequence(tiny_model) -> None:
+    """A hook that sees the whole sequence (as GRACE's and WISE's do) must not be fed one cached token per step."""
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    prompt, boosted = "The capital of France is", 7
+    plain = greedy_generate(model, tok, [prompt], tiny_model.device, max_new_tokens=5)[0]
+    assert not metrics.has_forward_hooks(model)
+
+    def boost_after_seven_positions(_module, _args, output):
+        logits = output.logits.clone()
+        if logits.shape[1] > 7:  # only a full-sequence forward is this long
+            logits[:, -1, boosted] += 1e4
+        output.logits = logits
+        return output
+
+    handle = model.register_forward_hook(boost_after_seven_positions)
+    try:
+        assert metrics.has_forward_hooks(model)
+        hooked = greedy_generate(model, tok, [prompt], tiny_model.device, max_new_tokens=5)[0]
+        expected = greedy_reference(tiny_model, prompt, 5)
+    finally:
+        handle.remove()
+    assert hooked == expected and hooked != plain and tok.decode([boosted]) in hooked
+
+
 def test_generation_metrics_success_entropy_and_reference(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tok, dev = tiny_model.model, tiny_model.tokenizer, tiny_model.device
     continuation = greedy_reference(tiny_model, CASE.rewrite_prompt, 8)
