@@ -43,6 +43,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -151,14 +152,25 @@ def _greedy_batch(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pr
     return tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
 
 
+# transformers installs these on first use of output_hidden_states / output_attentions and keeps them; they
+# only record outputs, so they are indifferent to a KV cache
+_RECORDING_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+
+def _acts_on_outputs(hook: Any) -> bool:
+    return getattr(hook, "__module__", None) not in _RECORDING_HOOK_MODULES
+
+
 def has_forward_hooks(model: torch.nn.Module) -> bool:
-    """Whether a forward (pre-)hook sits on the model or any submodule, or globally. Editors that act through
-    hooks (GRACE, WISE) may read the whole sequence at each call, which a KV cache would hide from them."""
+    """Whether a forward (pre-)hook sits on the model or any submodule, or globally, other than transformers'
+    own output recorders. Editors that act through hooks (GRACE, WISE) may read the whole sequence at each
+    call, which a KV cache would hide from them."""
     from torch.nn.modules import module as torch_module
 
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    hook_dicts = [torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks]
+    for module in model.modules():
+        hook_dicts += [module._forward_hooks, module._forward_pre_hooks]
+    return any(_acts_on_outputs(hook) for hooks in hook_dicts for hook in hooks.values())
 
 
 def _greedy_tokens_cached(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
