@@ -24,6 +24,7 @@ from bench.metrics import (
     token_accuracy,
 )
 from lmview.case import EditCase
+from lmview.models import load_model
 
 CASE = EditCase(
     case_id="c1", relation="r", subject="France", prompt="The capital of {} is",
@@ -167,13 +168,16 @@ def test_greedy_generate_batched_matches_reference(tiny_model) -> None:
     assert batched == [greedy_reference(tiny_model, p, 6) for p in prompts]
 
 
-def test_greedy_generate_recomputes_when_a_hook_reads_the_sequence(tiny_model) -> None:
-    """A hook that sees the whole sequence (as GRACE's and WISE's do) must not be fed one cached token per step."""
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_greedy_generate_recomputes_when_a_hook_reads_the_sequence(name: str) -> None:
+    """A hook that sees the whole sequence (as GRACE's and WISE's do) must not be fed one cached token per step;
+    the bridge's wrapped modules do not take a cache either. A fresh model: the shared one may be wrapped."""
+    tiny_model = load_model(name, "cpu")
     model, tok = tiny_model.model, tiny_model.tokenizer
     prompt, boosted = "The capital of France is", 7
     plain = greedy_generate(model, tok, [prompt], tiny_model.device, max_new_tokens=5)[0]
     with torch.no_grad():  # transformers leaves its output recorders on the modules; they must not count
-        model(input_ids=torch.tensor([[1, 2, 3]], device=tiny_model.device), output_hidden_states=True)
+        model(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True)
     assert any(m._forward_hooks for m in model.modules())
     assert not metrics.has_forward_hooks(model)
 
@@ -192,6 +196,8 @@ def test_greedy_generate_recomputes_when_a_hook_reads_the_sequence(tiny_model) -
     finally:
         handle.remove()
     assert hooked == expected and hooked != plain and tok.decode([boosted]) in hooked
+    tiny_model.bridge()
+    assert metrics.has_forward_hooks(model)
 
 
 def test_generation_metrics_success_entropy_and_reference(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
