@@ -161,11 +161,6 @@ def _acts_on_outputs(hook: Any) -> bool:
     return getattr(hook, "__module__", None) not in _RECORDING_HOOK_MODULES
 
 
-def _bridge_wrapped(model: torch.nn.Module) -> bool:
-    """Whether the TransformerBridge has wrapped the model's modules (its components do not take a KV cache)."""
-    return any(type(m).__module__.startswith("transformer_lens.") for m in model.modules())
-
-
 def has_forward_hooks(model: torch.nn.Module) -> bool:
     """Whether a forward (pre-)hook sits on the model or any submodule, or globally, other than transformers'
     output recorders, or the bridge has wrapped the modules. Editors that act through hooks (GRACE, WISE)
@@ -174,8 +169,10 @@ def has_forward_hooks(model: torch.nn.Module) -> bool:
 
     hook_dicts = [torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks]
     for module in model.modules():
+        if type(module).__module__.startswith("transformer_lens."):  # a bridge component takes no KV cache
+            return True
         hook_dicts += [module._forward_hooks, module._forward_pre_hooks]
-    return _bridge_wrapped(model) or any(_acts_on_outputs(hook) for hooks in hook_dicts for hook in hooks.values())
+    return any(_acts_on_outputs(hook) for hooks in hook_dicts for hook in hooks.values())
 
 
 def _greedy_tokens_cached(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
