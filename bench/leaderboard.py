@@ -332,7 +332,8 @@ def curve_table(rows: list[RunRow], first_note: int = 1) -> str:
 
 
 def grouped(rows: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
-    """(model, dataset) -> rows, best S first (rows without S last), then by editor."""
+    """(model, dataset) -> rows, best S first (rows without S last), then by editor; `[known-only]` rows,
+    on other cases, are ranked after the rows of every record."""
     groups: dict[tuple[str, str], list[RunRow]] = {}
     for row in sorted(rows, key=lambda r: (r.model, r.dataset)):
         groups.setdefault((row.model, row.dataset), []).append(row)
@@ -341,9 +342,9 @@ def grouped(rows: list[RunRow]) -> dict[tuple[str, str], list[RunRow]]:
     return groups
 
 
-def _rank(row: RunRow) -> tuple[bool, float, str]:
+def _rank(row: RunRow) -> tuple[bool, bool, float, str]:
     score = _mean(row, "score")
-    return score is None, -(score or 0.0), row.label
+    return row.known_only, score is None, -(score or 0.0), row.label
 
 
 def _mean(row: RunRow, name: str) -> float | None:
@@ -499,15 +500,21 @@ def unedited_scores(rows: list[RunRow]) -> tuple[dict[str, float], int] | None:
 
 
 def unedited_line(rows: list[RunRow]) -> list[str]:
-    """One line under the headline: the scores an edit that changes nothing would get (ROME's tables list
-    the unedited model as a row)."""
-    found = unedited_scores(rows) if headline_names(rows) == HEADLINE["counterfact"] else None
-    if found is None:
+    """Lines under the headline: the scores an edit that changes nothing would get (ROME's tables list
+    the unedited model as a row), one per case selection (every record, known-only)."""
+    if headline_names(rows) != HEADLINE["counterfact"]:
         return []
-    means, n = found
-    scores = ", ".join(f"{label} {number(value)}" for label, value in means.items())
-    return [f"Unedited model, the pre-edit scores of the same {n} cases: {scores}. An edit that changes "
-            "nothing keeps NS at this value; ES and PS start from it.", ""]
+    lines = []
+    for known_only in (False, True):
+        found = unedited_scores([row for row in rows if row.known_only == known_only])
+        if found is None:
+            continue
+        means, n = found
+        scores = ", ".join(f"{label} {number(value)}" for label, value in means.items())
+        which = "the `[known-only]` rows'" if known_only else "the same"
+        lines += [f"Unedited model, the pre-edit scores of {which} {n} cases: {scores}. An edit that changes "
+                  "nothing keeps NS at this value; ES and PS start from it.", ""]
+    return lines
 
 
 def section_tables(rows: list[RunRow], first_note: int | None = 1) -> list[str]:

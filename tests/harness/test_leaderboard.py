@@ -357,3 +357,27 @@ def test_the_unedited_models_scores_come_from_the_cases_pre_edit_scores(tmp_path
     s = 3 / (1 / es + 1 / ps + 1 / ns)
     assert (f"Unedited model, the pre-edit scores of the same 3 cases: ES {es:.2f}, PS {ps:.2f}, NS {ns:.2f}, "
             f"S {s:.2f}.") in text
+
+
+def test_known_only_rows_have_their_own_unedited_line_and_rank_after_every_record(tmp_path):
+    runs = tmp_path / "runs"
+
+    def case(case_id: str, es: float, edited_es: float) -> dict:
+        row = record(edited_es, 1.0, 1.0, 0.01, 0.9, case_id=case_id)
+        row["pre"] = {"p_new": 0.01, "efficacy_score": es, "paraphrase_score": 0.5, "neighborhood_score": 1.0}
+        return row
+
+    write_run(runs, "r1-rome", "rome", "m1", "counterfact", "2026-01-01T00:00:00",
+              [case("a", 1.0, 0.0), case("b", 0.0, 0.0)])
+    write_run(runs, "r2-rome-known", "rome", "m1", "counterfact", "2026-01-02T00:00:00",
+              [case("k1", 0.0, 1.0), case("k2", 0.0, 1.0), case("k3", 0.0, 1.0)])
+    summary_path = runs / "r2-rome-known" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps(dict(summary, case_selection="known-only")))
+    text = to_markdown(grouped(latest_rows(load_runs(runs))), None, runs)
+    # each line covers its own cases: (1 + 0) / 2 on every record, 0 / 3 on the known ones
+    assert "Unedited model, the pre-edit scores of the same 2 cases: ES 0.50, PS 0.50, NS 1.00" in text
+    assert "Unedited model, the pre-edit scores of the `[known-only]` rows' 3 cases: ES 0.00, PS 0.50, NS 1.00" in text
+    headline = [line for line in text.splitlines() if line.startswith("| rome")]
+    # the known-only row scores higher but is listed after the row of every record
+    assert [line.split("|")[1].strip() for line in headline[:2]] == ["rome [1]", "rome [known-only] [2]"]
