@@ -339,13 +339,16 @@ def test_curve_points_are_tabulated_with_the_accumulated_update_norm(tmp_path, c
                        "yes"]]
 
 
+def pre_scored_case(case_id: str, es: float, ps: float, ns: float, edited_es: float = 1.0) -> dict:
+    """A case record with the given pre-edit ES / PS / NS (the unedited model's scores)."""
+    row = record(edited_es, 1.0, 1.0, 0.01, 0.9, case_id=case_id)
+    row["pre"] = {"p_new": 0.01, "efficacy_score": es, "paraphrase_score": ps, "neighborhood_score": ns}
+    return row
+
+
 def test_the_unedited_models_scores_come_from_the_cases_pre_edit_scores(tmp_path):
     runs = tmp_path / "runs"
-
-    def case(case_id: str, es: float, ps: float, ns: float) -> dict:
-        row = record(1.0, 1.0, 1.0, 0.01, 0.9, case_id=case_id)
-        row["pre"] = {"p_new": 0.01, "efficacy_score": es, "paraphrase_score": ps, "neighborhood_score": ns}
-        return row
+    case = pre_scored_case
 
     # two editors on overlapping cases: each case counts once; "c" only in the second run
     write_run(runs, "r1-rome", "rome", "m1", "counterfact", "2026-01-01T00:00:00",
@@ -361,16 +364,10 @@ def test_the_unedited_models_scores_come_from_the_cases_pre_edit_scores(tmp_path
 
 def test_known_only_rows_have_their_own_unedited_line_and_rank_after_every_record(tmp_path):
     runs = tmp_path / "runs"
-
-    def case(case_id: str, es: float, edited_es: float) -> dict:
-        row = record(edited_es, 1.0, 1.0, 0.01, 0.9, case_id=case_id)
-        row["pre"] = {"p_new": 0.01, "efficacy_score": es, "paraphrase_score": 0.5, "neighborhood_score": 1.0}
-        return row
-
     write_run(runs, "r1-rome", "rome", "m1", "counterfact", "2026-01-01T00:00:00",
-              [case("a", 1.0, 0.0), case("b", 0.0, 0.0)])
+              [pre_scored_case(c, es, 0.5, 1.0, edited_es=0.0) for c, es in (("a", 1.0), ("b", 0.0))])
     write_run(runs, "r2-rome-known", "rome", "m1", "counterfact", "2026-01-02T00:00:00",
-              [case("k1", 0.0, 1.0), case("k2", 0.0, 1.0), case("k3", 0.0, 1.0)])
+              [pre_scored_case(c, 0.0, 0.5, 1.0) for c in ("k1", "k2", "k3")])
     summary_path = runs / "r2-rome-known" / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary_path.write_text(json.dumps(dict(summary, case_selection="known-only")))
