@@ -31,7 +31,7 @@ from bench.data import load_dataset
 from bench.data.records import LoadedDataset
 from bench.integrity import IntegrityError, ModelGuard
 from bench.lens import case_lens
-from bench.signals import signal_name
+from bench.signals import interrupts_deferred, signal_name
 from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.relation_circuits import relation_circuits_for
@@ -852,13 +852,15 @@ def summary_fields(cfg: RunConfig, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish_run(writer: RunWriter, extra: dict[str, Any], status: str, error: str | None) -> dict[str, Any]:
-    """The summary and the final state; a run that completed without a single edited case has failed."""
+    """The summary and the final state; a run that completed without a single edited case has failed. A
+    SIGINT or SIGTERM arriving meanwhile takes effect once both are written."""
     log.info("scoring: aggregating %s", writer.cases_path)
-    if status == "complete":
-        rows = read_cases(writer.cases_path)
-        if not any(r.get("status") == "ok" for r in rows):
-            status, error = "failed", f"no case was edited: all {len(rows)} cases failed ({failure_reasons(rows)})"
-    return writer.finish(extra, status, error)
+    with interrupts_deferred():
+        if status == "complete":
+            rows = read_cases(writer.cases_path)
+            if not any(r.get("status") == "ok" for r in rows):
+                status, error = "failed", f"no case was edited: all {len(rows)} cases failed ({failure_reasons(rows)})"
+        return writer.finish(extra, status, error)
 
 
 def failure_reasons(rows: list[dict[str, Any]], k: int = 2) -> str:

@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _received: list[str] = []
 
@@ -31,3 +34,30 @@ def interrupt_on_sigterm() -> None:
 def signal_name(exc: KeyboardInterrupt) -> str:
     """Which signal stopped the run: the exception's own, else SIGTERM once one was received, else SIGINT."""
     return getattr(exc, "signal_name", None) or (_received[-1] if _received else "SIGINT")
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block has ended, then stop the program as they would have, so
+    that a stop arriving while a run writes its summary and final state cannot leave them unwritten. A
+    signal that was being ignored stays ignored. Outside the main thread (where Python cannot set
+    handlers) the block runs unshielded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda received, frame: pending.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    live = [signum for signum in pending if previous[signum] != signal.SIG_IGN]
+    if live and live[0] == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _received.append("SIGTERM")
+        raise Terminated
+    if live:
+        raise KeyboardInterrupt

@@ -73,9 +73,10 @@ def publish(tmp: Path, dest: Path, key: str | None = None) -> Path:
     """Moves a finished cache entry into place, with its integrity record when key is given (a directory
     carries it inside, so it arrives with the entry). If dest already holds an intact entry (another
     process published the same key first), that copy is kept and ours is discarded; a broken dest, one
-    whose content no longer matches its record or that has none, is replaced."""
-    if key is not None and tmp.is_dir():
-        write_record(tmp, key, record_path(tmp))
+    whose content no longer matches its record or that has none, is replaced. A file's record is written
+    before the file moves into place, so a concurrent run never finds the entry without one."""
+    if key is not None:
+        write_record(tmp, key, record_path(tmp) if tmp.is_dir() else record_path(dest))
     try:
         os.replace(tmp, dest)  # atomic for files; fails for a directory when dest is a non-empty directory
     except OSError:
@@ -88,8 +89,8 @@ def publish(tmp: Path, dest: Path, key: str | None = None) -> Path:
         os.replace(dest, aside)
         os.replace(tmp, dest)
         _remove(aside)
-    if key is not None and not dest.is_dir():
-        write_record(dest, key)
+    if key is not None:
+        _VERIFIED.add((str(dest), key))
     return dest
 
 

@@ -7,6 +7,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import bench.run
 from bench.cli import main
 from bench.results import drop_torn_tail, read_case_lines, summarize
-from bench.signals import Terminated, interrupt_on_sigterm, signal_name
+from bench.signals import Terminated, interrupt_on_sigterm, interrupts_deferred, signal_name
 from editors.base import EditOutcome, Editor, register
 from tests.helpers import FACTS_FILE, bench_process, no_hparams, read_json
 
@@ -232,8 +233,52 @@ def test_sigterm_exits_143_with_a_partial_summary_and_the_complete_row_stays(tmp
     assert "| ft-l (partial: interrupted) [" in board and "| ft-l [" in board
 
 
+def test_deferred_interrupts_let_the_block_finish_and_an_ignored_signal_stays_ignored():
+    previous = signal.getsignal(signal.SIGTERM)
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)
+                finished.append("after SIGINT")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as after a first SIGTERM
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            finished.append("after an ignored SIGTERM")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert finished == ["after SIGINT", "after an ignored SIGTERM"]
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+
+
+def test_sigterm_while_the_summary_is_written_waits_for_it(tmp_path, cache, one_thread, capsys, monkeypatch):
+    """A stop that lands after the last case, while the run aggregates, used to leave the state 'running'
+    with no summary; now the run finishes writing both, then exits 143."""
+    real_read_cases = bench.run.read_cases
+
+    def read_cases_then_sigterm(path):
+        if sys._getframe(1).f_code.co_name == "finish_run":
+            signal.raise_signal(signal.SIGTERM)
+        return real_read_cases(path)
+
+    monkeypatch.setattr(bench.run, "read_cases", read_cases_then_sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "runs"
+    try:
+        assert main(["run", "--editor", "ft-l", *QUIET, "--n", "2", "--output", str(out)]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "interrupted by SIGTERM" in capsys.readouterr().err
+    (folder,) = run_dirs(out)
+    manifest, summary = read_json(folder / "manifest.json"), read_json(folder / "summary.json")
+    assert manifest["status"] == summary["status"] == "complete" and summary["n_cases"] == 2
+
+
 def test_sigkill_at_five_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, cache, one_thread):
-    args = ["run", "--editor", "ft-l", *QUIET, "--n", "12"]
+    # kill points among the first 11 of 24 cases: a process that runs on past a point (the random sleep below)
+    # must not finish the run before the next kill
+    args = ["run", "--editor", "ft-l", *QUIET, "--n", "24"]
     assert main([*args, "--output", str(tmp_path / "ref")]) == 0  # one thread, as the subprocesses
     (ref_dir,) = run_dirs(tmp_path / "ref")
     out = tmp_path / "killed"

@@ -70,6 +70,26 @@ def test_entry_records_name_their_key(tmp_path: Path) -> None:
     assert entry_problem(dest, "key-b") == "was built from another key" and entry_problem(dest, "key-a") is None
 
 
+def test_a_file_entry_never_stands_without_its_record(tmp_path: Path, monkeypatch) -> None:
+    """A concurrent run that finds the file already in place must find its record too (it used to be
+    written after the move, and a second run building the same entry on an empty cache then failed)."""
+    dest, tmp = tmp_path / "summaries.json", tmp_path / "summaries.json.7.part"
+    tmp.write_text("texts")
+    real_replace, seen = cache.os.replace, []
+
+    def replace_and_look(src, dst):
+        if Path(dst) == dest:
+            record = tmp_path / "summaries.json.entry"
+            seen.append(json.loads(record.read_text()) if record.exists() else None)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache.os, "replace", replace_and_look)
+    publish(tmp, dest, "key-a")
+    assert seen == [{"key": "key-a", "sha256": hashlib.sha256(b"texts").hexdigest()}]
+    cache._VERIFIED.clear()
+    assert entry_problem(dest, "key-a") is None
+
+
 # --- damaged cache entries in use -------------------------------------------------------------------
 
 @pytest.fixture
