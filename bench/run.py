@@ -31,7 +31,7 @@ from bench.data import load_dataset
 from bench.data.records import LoadedDataset
 from bench.integrity import IntegrityError, ModelGuard
 from bench.lens import case_lens
-from bench.signals import interrupts_deferred, signal_name
+from bench.signals import interrupts_deferred, raise_if_stopped, signal_name
 from bench.metrics import GENERATION_MAX_NEW_TOKENS, easyedit_scores, generation_metrics
 from bench.perplexity import heldout_texts, overlaps_keystats, wiki_perplexity
 from bench.relation_circuits import relation_circuits_for
@@ -583,6 +583,7 @@ def run_sequential(bundle: ModelBundle, editor: Editor, cases: list[EditCase], p
                     writer.append(record)
                     seen.append((case, record.get("status") == "ok"))
                 bar.update(len(batch))
+                raise_if_stopped()
                 check_systematic(read_cases(writer.cases_path))
                 n_edits = sum(ok for _, ok in seen)
                 if n_edits // cfg.eval_every > points[-1]["n_edits"] // cfg.eval_every:
@@ -895,6 +896,7 @@ def run_batches(bundle: ModelBundle, editor: Editor, cases: list[EditCase], pool
                     writer.append(record)
                     written.append(record)
             bar.update(sum(case.case_id not in done for case in batch))
+            raise_if_stopped()
             if guard is not None:
                 guard.verify(lambda: declared_names(editor, batch))
             check_systematic(written)

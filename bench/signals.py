@@ -31,6 +31,14 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def raise_if_stopped() -> None:
+    """Raises Terminated when a SIGTERM was received but its exception never arrived: Python swallows an
+    exception raised while a `__del__` method runs (it prints "Exception ignored in ..."). The run loops
+    call this between batches."""
+    if _received:
+        raise Terminated
+
+
 def signal_name(exc: KeyboardInterrupt) -> str:
     """Which signal stopped the run: the exception's own, else SIGTERM once one was received, else SIGINT."""
     return getattr(exc, "signal_name", None) or (_received[-1] if _received else "SIGINT")

@@ -4,6 +4,12 @@
 #   bash benchmarks/gpu_check.sh runs    # second half of the GGUF, circuit benchmark, the issue-3 runs
 #   bash benchmarks/gpu_check.sh shape   # after setup: spine timings on a random model of SmolLM2's shape
 #   bash benchmarks/gpu_check.sh scale   # after setup: packing k = 1, 4, 10 on one GPU, KC's exact setting (ACDC)
+#   bash benchmarks/gpu_check.sh counterfact [SECONDS] [N]   # after setup: the CounterFact table at n = N (200)
+#   bash benchmarks/gpu_check.sh lifelong [SECONDS]          # after setup: the 1,000-edit streams (lifelong.sh)
+# The last two resume what their time limit cut off when called again on the same warm machine, or on a new
+# one that carries their previous $OUT tarball as .gpu/<mode>-runs.tar.gz; they need the CounterFact file as
+# .gpu/counterfact/counterfact-val.json. Ray is not in the GPU image (and its wheel is over one call's 64 MiB),
+# so they run plain `bench run` processes side by side on the one GPU, whose cases equal a sweep's.
 # It expects the wheels the image lacks in .whl/, the offline model's GGUF split as .gpu/a/gguf.part0 and
 # .gpu/b/gguf.part1 (a call carries at most 64 MiB), the Wikipedia wheel in .gpu/wiki, and for the circuit
 # benchmark ../shared/data/lre/factual/country_capital_city.json copied to .gpu/lre/; it writes to $OUT.
@@ -11,6 +17,32 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD KEBENCH_CACHE=/tmp/kc PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out} OMP_NUM_THREADS=1
 GGUF=$KEBENCH_CACHE/models/smollm2-135m/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$KEBENCH_CACHE/wheels" "$(dirname "$GGUF")" "$OUT"
+PYTHON=${PYTHON:-python3} DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-smollm2-135m}  # DEVICE=cpu MODEL=tiny-gpt2: a dry run
+export PYTHON KEBENCH_COUNTERFACT=${KEBENCH_COUNTERFACT:-$PWD/.gpu/counterfact/counterfact-val.json}
+
+prepare_runs() {  # mode: the model in place, the key statistics cached, earlier results unpacked
+  mkdir -p /tmp/logs /tmp/runs
+  [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
+  [ -f ".gpu/$1-runs.tar.gz" ] && [ ! -d "/tmp/runs/$1" ] && tar xzf ".gpu/$1-runs.tar.gz" -C /tmp/runs
+  $PYTHON -m bench run --editor memit --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
+    > "/tmp/logs/warm-$1.log" 2>&1  # layers 5-7: every locate-then-edit editor's statistics, before they run at once
+  tail -n 1 "/tmp/logs/warm-$1.log"
+}
+
+suite_editors() {  # "editor batch_size" for every editor of these suites
+  $PYTHON -c "
+import sys, yaml
+for path in sys.argv[1:]:
+    suite = yaml.safe_load(open(path))
+    for editor in suite['editors']:
+        print(editor, (suite.get('run') or {}).get('batch_size', 1))" "$@"
+}
+
+finish_runs() {  # mode: the leaderboard of what ran, and the runs for the next call to resume
+  tail -n 2 /tmp/logs/"$1"-*.log
+  $PYTHON -m bench leaderboard --runs "/tmp/runs/$1" --include-partial --output "$OUT/$1-leaderboard.md"
+  tar czf "$OUT/$1-runs.tar.gz" -C /tmp/runs "$1"
+}
 case "$1" in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -71,5 +103,23 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
       --device cuda --acdc-batch 16 --output "$OUT/kc-acdc-country_capital_city" > /tmp/logs/kc-acdc.log 2>&1
     tail -6 /tmp/logs/kc-acdc.log
     cp /tmp/logs/packing.log /tmp/logs/kc-acdc.log "$OUT/"
+    ;;
+  counterfact)
+    # benchmarks/suites/counterfact.yaml and counterfact-batch.yaml (no circuits, 8 perplexity texts) at n = $3
+    prepare_runs counterfact
+    while read -r editor batch; do
+      timeout "${2:-480}" bash -c "source benchmarks/run_or_resume.sh; run_or_resume /tmp/runs/counterfact $editor \
+        --model $MODEL --dataset counterfact --n ${3:-200} --batch-size $batch --no-circuits --ppl-texts 8 \
+        --device $DEVICE" > "/tmp/logs/counterfact-$editor.log" 2>&1 &
+    done < <(suite_editors benchmarks/suites/counterfact.yaml benchmarks/suites/counterfact-batch.yaml)
+    wait
+    finish_runs counterfact
+    ;;
+  lifelong)
+    prepare_runs lifelong
+    OUTPUT=/tmp/runs/lifelong LOGS=/tmp/logs/lifelong JOBS=${JOBS:-6} DEVICE=$DEVICE MODEL=$MODEL \
+      timeout "${2:-480}" bash benchmarks/lifelong.sh
+    mkdir -p /tmp/logs && for log in /tmp/logs/lifelong/*.log; do cp "$log" "/tmp/logs/lifelong-$(basename "$log")"; done
+    finish_runs lifelong
     ;;
 esac

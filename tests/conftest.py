@@ -45,3 +45,12 @@ def cache(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KEBENCH_CACHE", str(root))
         yield root
+
+
+@pytest.fixture(autouse=True)
+def no_stop_left_over():
+    """A test that delivers SIGTERM in-process leaves its record in bench.signals; later runs must not stop on it."""
+    import bench.signals
+
+    yield
+    bench.signals._received.clear()

@@ -275,6 +275,34 @@ def test_sigterm_while_the_summary_is_written_waits_for_it(tmp_path, cache, one_
     assert manifest["status"] == summary["status"] == "complete" and summary["n_cases"] == 2
 
 
+class SigtermWhenCollected:
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # the handler's exception is swallowed: "Exception ignored in ..."
+
+
+def test_a_sigterm_swallowed_by_a_destructor_still_stops_the_run(tmp_path, cache, one_thread, capsys, monkeypatch):
+    real_edit_batch = bench.run.edit_batch
+
+    def edit_batch_then_collect(*args, **kwargs):
+        records = real_edit_batch(*args, **kwargs)
+        SigtermWhenCollected()
+        return records
+
+    swallowed = []
+    monkeypatch.setattr(bench.run, "edit_batch", edit_batch_then_collect)
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "runs"
+    try:
+        assert main(["run", "--editor", "ft-l", *QUIET, "--n", "3", "--output", str(out)]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert swallowed == [Terminated]
+    (folder,) = run_dirs(out)
+    summary = read_json(folder / "summary.json")
+    assert summary["status"] == "interrupted" and summary["n_cases"] == 1 and summary["signal"] == "SIGTERM"
+
+
 def test_sigkill_at_five_random_points_then_resume_equals_an_uninterrupted_run(tmp_path, cache, one_thread):
     # kill points among the first 11 of 24 cases: a process that runs on past a point (the random sleep below)
     # must not finish the run before the next kill
