@@ -234,7 +234,8 @@ def test_sigterm_exits_143_with_a_partial_summary_and_the_complete_row_stays(tmp
 
 
 def test_deferred_interrupts_let_the_block_finish_and_an_ignored_signal_stays_ignored():
-    previous = signal.getsignal(signal.SIGTERM)
+    previous, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
     finished = []
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -246,10 +247,11 @@ def test_deferred_interrupts_let_the_block_finish_and_an_ignored_signal_stays_ig
             signal.raise_signal(signal.SIGTERM)
             finished.append("after an ignored SIGTERM")
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert finished == ["after SIGINT", "after an ignored SIGTERM"]
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 def test_sigterm_while_the_summary_is_written_waits_for_it(tmp_path, cache, one_thread, capsys, monkeypatch):
