@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from bench.results import RunWriter, _atomic_json, read_cases
 from bench.run import RunConfig, SystematicFailure, check_systematic, open_writer, run_to_end, summary_fields
+from bench.signals import raise_if_stopped
 from lmview.io import read_mapping
 
 log = logging.getLogger("bench")
@@ -450,6 +451,7 @@ def drive(ray: Any, workers: list[Any], new_worker: Any, progress: RunProgress, 
                 progress.ready[index] = (died_records(all_batches[index], index), {})
                 bar.update(len(all_batches[index]))
         write_ready(progress, writer, written, done)
+        raise_if_stopped()  # a SIGTERM whose exception a destructor swallowed
 
 
 def died_records(case_ids: list[str], index: int) -> list[dict[str, Any]]:
