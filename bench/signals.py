@@ -8,6 +8,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 _received: list[str] = []
 
@@ -22,13 +23,14 @@ def interrupt_on_sigterm() -> None:
     """From now on SIGTERM (a CI timeout, `kill`) raises Terminated; a second one is ignored, so that it
     cannot cut the summary short."""
     _received.clear()
+    signal.signal(signal.SIGTERM, lambda signum, frame: _terminate())
 
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _received.append("SIGTERM")
-        raise Terminated
 
-    signal.signal(signal.SIGTERM, handler)
+def _terminate() -> NoReturn:
+    """Records the SIGTERM, ignores any later one, and raises Terminated."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append("SIGTERM")
+    raise Terminated
 
 
 def raise_if_stopped() -> None:
@@ -64,8 +66,6 @@ def interrupts_deferred() -> Iterator[None]:
             signal.signal(signum, handler)
     live = [signum for signum in pending if previous[signum] != signal.SIG_IGN]
     if live and live[0] == signal.SIGTERM:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _received.append("SIGTERM")
-        raise Terminated
+        _terminate()
     if live:
         raise KeyboardInterrupt

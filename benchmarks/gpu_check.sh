@@ -21,7 +21,7 @@ PYTHON=${PYTHON:-python3} DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-smollm2-135m}  #
 export PYTHON KEBENCH_COUNTERFACT=${KEBENCH_COUNTERFACT:-$PWD/.gpu/counterfact/counterfact-val.json}
 
 prepare_runs() {  # mode: the model in place, the key statistics cached, earlier results unpacked
-  mkdir -p /tmp/logs /tmp/runs
+  mkdir -p "/tmp/logs/$1" /tmp/runs
   [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
   [ -f ".gpu/$1-runs.tar.gz" ] && [ ! -d "/tmp/runs/$1" ] && tar xzf ".gpu/$1-runs.tar.gz" -C /tmp/runs
   $PYTHON -m bench run --editor memit --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
@@ -39,7 +39,7 @@ for path in sys.argv[1:]:
 }
 
 finish_runs() {  # mode: the leaderboard of what ran, and the runs for the next call to resume
-  tail -n 2 /tmp/logs/"$1"-*.log
+  tail -n 2 /tmp/logs/"$1"/*.log
   $PYTHON -m bench leaderboard --runs "/tmp/runs/$1" --include-partial --output "$OUT/$1-leaderboard.md"
   tar czf "$OUT/$1-runs.tar.gz" -C /tmp/runs "$1"
 }
@@ -110,7 +110,7 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
     while read -r editor batch; do
       timeout "${2:-480}" bash -c "source benchmarks/run_or_resume.sh; run_or_resume /tmp/runs/counterfact $editor \
         --model $MODEL --dataset counterfact --n ${3:-200} --batch-size $batch --no-circuits --ppl-texts 8 \
-        --device $DEVICE" > "/tmp/logs/counterfact-$editor.log" 2>&1 &
+        --device $DEVICE" > "/tmp/logs/counterfact/$editor.log" 2>&1 &
     done < <(suite_editors benchmarks/suites/counterfact.yaml benchmarks/suites/counterfact-batch.yaml)
     wait
     finish_runs counterfact
@@ -119,7 +119,6 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
     prepare_runs lifelong
     OUTPUT=/tmp/runs/lifelong LOGS=/tmp/logs/lifelong JOBS=${JOBS:-6} DEVICE=$DEVICE MODEL=$MODEL \
       timeout "${2:-480}" bash benchmarks/lifelong.sh
-    mkdir -p /tmp/logs && for log in /tmp/logs/lifelong/*.log; do cp "$log" "/tmp/logs/lifelong-$(basename "$log")"; done
     finish_runs lifelong
     ;;
 esac

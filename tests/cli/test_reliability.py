@@ -192,21 +192,26 @@ def wait_for_cases(out: Path, n: int, process: subprocess.Popen, deadline_s: flo
     raise AssertionError(f"no {n} cases within {deadline_s} s")
 
 
-def test_sigterm_is_reported_even_when_a_library_raises_a_plain_keyboard_interrupt():
+@pytest.fixture
+def handlers_restored():
+    """The test may change SIGTERM's and SIGINT's handlers (bench's main installs its own); put them back."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_sigterm_is_reported_even_when_a_library_raises_a_plain_keyboard_interrupt(handlers_restored):
     """Ray's ray.get turns the exception raised by the SIGTERM handler into a plain KeyboardInterrupt; the stop
     must still read SIGTERM (exit 143), and a Ctrl-C before any SIGTERM SIGINT."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        interrupt_on_sigterm()
-        assert signal_name(KeyboardInterrupt()) == "SIGINT"
-        with pytest.raises(Terminated):
-            signal.raise_signal(signal.SIGTERM)
-        assert signal_name(KeyboardInterrupt()) == "SIGTERM"
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second SIGTERM cannot cut the summary short
-        interrupt_on_sigterm()  # a new run starts afresh
-        assert signal_name(KeyboardInterrupt()) == "SIGINT"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    interrupt_on_sigterm()
+    assert signal_name(KeyboardInterrupt()) == "SIGINT"
+    with pytest.raises(Terminated):
+        signal.raise_signal(signal.SIGTERM)
+    assert signal_name(KeyboardInterrupt()) == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second SIGTERM cannot cut the summary short
+    interrupt_on_sigterm()  # a new run starts afresh
+    assert signal_name(KeyboardInterrupt()) == "SIGINT"
 
 
 def test_sigterm_exits_143_with_a_partial_summary_and_the_complete_row_stays(tmp_path, cache, one_thread, capsys):
@@ -233,28 +238,24 @@ def test_sigterm_exits_143_with_a_partial_summary_and_the_complete_row_stays(tmp
     assert "| ft-l (partial: interrupted) [" in board and "| ft-l [" in board
 
 
-def test_deferred_interrupts_let_the_block_finish_and_an_ignored_signal_stays_ignored():
-    previous, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+def test_deferred_interrupts_let_the_block_finish_and_an_ignored_signal_stays_ignored(handlers_restored):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
     finished = []
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts_deferred():
-                signal.raise_signal(signal.SIGINT)
-                finished.append("after SIGINT")
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as after a first SIGTERM
+    with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
-            signal.raise_signal(signal.SIGTERM)
-            finished.append("after an ignored SIGTERM")
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+            signal.raise_signal(signal.SIGINT)
+            finished.append("after SIGINT")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as after a first SIGTERM
+    with interrupts_deferred():
+        signal.raise_signal(signal.SIGTERM)
+        finished.append("after an ignored SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
     assert finished == ["after SIGINT", "after an ignored SIGTERM"]
 
 
-def test_sigterm_while_the_summary_is_written_waits_for_it(tmp_path, cache, one_thread, capsys, monkeypatch):
+def test_sigterm_while_the_summary_is_written_waits_for_it(tmp_path, cache, one_thread, capsys, monkeypatch,
+                                                          handlers_restored):
     """A stop that lands after the last case, while the run aggregates, used to leave the state 'running'
     with no summary; now the run finishes writing both, then exits 143."""
     real_read_cases = bench.run.read_cases
@@ -265,12 +266,8 @@ def test_sigterm_while_the_summary_is_written_waits_for_it(tmp_path, cache, one_
         return real_read_cases(path)
 
     monkeypatch.setattr(bench.run, "read_cases", read_cases_then_sigterm)
-    previous = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "runs"
-    try:
-        assert main(["run", "--editor", "ft-l", *QUIET, "--n", "2", "--output", str(out)]) == 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    assert main(["run", "--editor", "ft-l", *QUIET, "--n", "2", "--output", str(out)]) == 143
     assert "interrupted by SIGTERM" in capsys.readouterr().err
     (folder,) = run_dirs(out)
     manifest, summary = read_json(folder / "manifest.json"), read_json(folder / "summary.json")
@@ -282,7 +279,8 @@ class SigtermWhenCollected:
         signal.raise_signal(signal.SIGTERM)  # the handler's exception is swallowed: "Exception ignored in ..."
 
 
-def test_a_sigterm_swallowed_by_a_destructor_still_stops_the_run(tmp_path, cache, one_thread, capsys, monkeypatch):
+def test_a_sigterm_swallowed_by_a_destructor_still_stops_the_run(tmp_path, cache, one_thread, monkeypatch,
+                                                                 handlers_restored):
     real_edit_batch = bench.run.edit_batch
 
     def edit_batch_then_collect(*args, **kwargs):
@@ -293,12 +291,8 @@ def test_a_sigterm_swallowed_by_a_destructor_still_stops_the_run(tmp_path, cache
     swallowed = []
     monkeypatch.setattr(bench.run, "edit_batch", edit_batch_then_collect)
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_type))
-    previous = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "runs"
-    try:
-        assert main(["run", "--editor", "ft-l", *QUIET, "--n", "3", "--output", str(out)]) == 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    assert main(["run", "--editor", "ft-l", *QUIET, "--n", "3", "--output", str(out)]) == 143
     assert swallowed == [Terminated]
     (folder,) = run_dirs(out)
     summary = read_json(folder / "summary.json")
