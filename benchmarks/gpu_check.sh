@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_check.sh scale   # after setup: packing k = 1, 4, 10 on one GPU, KC's exact setting (ACDC)
 #   bash benchmarks/gpu_check.sh counterfact [SECONDS] [N]   # after setup: the CounterFact table at n = N (200)
 #   bash benchmarks/gpu_check.sh lifelong [SECONDS]          # after setup: the 1,000-edit streams (lifelong.sh)
+#   bash benchmarks/gpu_check.sh all [SECONDS] [N]   # after `TESTS_BACKGROUND=1 ... setup`, one call: the tests' log,
+#                                                    # packing, then counterfact and the batched streams side by side
 # The last two resume what their time limit cut off when called again on the same warm machine, or on a new
 # one that carries their previous $OUT tarball as .gpu/<mode>-runs.tar.gz; they need the CounterFact file as
 # .gpu/counterfact/counterfact-val.json. Ray is not in the GPU image (and its wheel is over one call's 64 MiB),
@@ -24,9 +26,10 @@ prepare_runs() {  # mode: the model in place, the key statistics cached, earlier
   mkdir -p "/tmp/logs/$1" /tmp/runs
   [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
   [ -f ".gpu/$1-runs.tar.gz" ] && [ ! -d "/tmp/runs/$1" ] && tar xzf ".gpu/$1-runs.tar.gz" -C /tmp/runs
+  [ -f /tmp/warm-done ] && return  # warmed by an earlier mode on this machine
   $PYTHON -m bench run --editor memit --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
     > "/tmp/logs/warm-$1.log" 2>&1  # layers 5-7: every locate-then-edit editor's statistics, before they run at once
-  tail -n 1 "/tmp/logs/warm-$1.log"
+  tail -n 1 "/tmp/logs/warm-$1.log" && touch /tmp/warm-done
 }
 
 suite_editors() {  # "editor batch_size" for every editor of these suites
@@ -50,7 +53,30 @@ case "$1" in
     cp .gpu/a/gguf.part0 "$KEBENCH_CACHE/gguf.part0"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, transformers, transformer_lens; print(torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-    timeout "${2:-170}" python3 -m pytest -q --device cuda -m "not slow" -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/tests-cuda.log" | tail -30
+    tests="timeout ${2:-170} python3 -m pytest -q --device cuda -m 'not slow' -n 8 -p no:cacheprovider"
+    if [ -n "${TESTS_BACKGROUND:-}" ]; then  # a smoke run now; the tests run on after this call returns
+      python3 -m bench run --editor rome --model tiny-gpt2 --n 1 --no-circuits --device cuda --output /tmp/smoke 2>&1 \
+        | tail -n 3
+      rm -f /tmp/tests-done
+      setsid nohup bash -c "$tests > /tmp/tests-cuda.log 2>&1; touch /tmp/tests-done" > /dev/null 2>&1 &
+    else
+      bash -c "$tests" 2>&1 | tee "$OUT/tests-cuda.log" | tail -30
+    fi
+    ;;
+  all)
+    end=$((SECONDS + ${2:-540}))
+    mkdir -p /tmp/logs && prepare_runs counterfact
+    for _ in $(seq 90); do [ -f /tmp/tests-done ] || [ ! -f /tmp/tests-cuda.log ] && break; sleep 2; done
+    cp /tmp/tests-cuda.log "$OUT/" && tail -n 2 /tmp/tests-cuda.log  # packing is timed on an idle GPU
+    bash "$0" scale "${3:-150}" 0 && rm -f "$OUT/packing.log"
+    left=$((end - SECONDS - 40))
+    echo "counterfact and lifelong get ${left}s"
+    bash "$0" counterfact "$left" "${4:-200}" > /tmp/logs/counterfact-mode.log 2>&1 &
+    BATCHED="memit alphaedit encore ultraedit" SINGLE= EVAL_EVERY=200 EVAL_SAMPLE=100 JOBS=4 \
+      bash "$0" lifelong "$left" > /tmp/logs/lifelong-mode.log 2>&1 &
+    wait
+    tail -n 20 /tmp/logs/counterfact-mode.log /tmp/logs/lifelong-mode.log
+    tar czf "$OUT/logs.tar.gz" -C /tmp logs
     ;;
   shape)
     # timings on a random-init model of SmolLM2-135M's exact shape (config and tokenizer carried in .gpu/smolcfg)
@@ -92,12 +118,14 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
   scale)
     # issue 14's packing ratios (whole cases, benchmarks/throughput.py part 4) and KC's exact setting on SmolLM2
     mkdir -p /tmp/logs
-    [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
-    python3 -m bench run --editor rome --n 1 --no-circuits --device cuda --output /tmp/warm > /tmp/logs/warm-rome.log 2>&1
+    [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
+    $PYTHON -m bench run --editor rome --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
+      > /tmp/logs/warm-rome.log 2>&1
     tail -2 /tmp/logs/warm-rome.log  # the key statistics, cached before ten workers read them
-    timeout "${2:-240}" python3 -m benchmarks.throughput --device cuda --only-packing --packing 1,4,10 \
+    timeout "${2:-240}" $PYTHON -m benchmarks.throughput --model "$MODEL" --device "$DEVICE" --only-packing --packing 1,4,10 \
       --packing-cases 4 --json "$OUT/packing-cuda.json" > /tmp/logs/packing.log 2>&1
     tail -4 /tmp/logs/packing.log
+    [ "${3:-240}" -gt 0 ] || exit 0  # ACDC off
     relation=.gpu/lre/country_capital_city.json; [ -f $relation ] || relation=country_capital_city
     timeout "${3:-240}" python3 -m bench circuit --model smollm2-135m --relation $relation --setting kc \
       --device cuda --acdc-batch 16 --output "$OUT/kc-acdc-country_capital_city" > /tmp/logs/kc-acdc.log 2>&1

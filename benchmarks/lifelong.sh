@@ -16,8 +16,8 @@ set -uo pipefail
 N=${N:-1000} BATCH=${BATCH:-100} EVAL_EVERY=${EVAL_EVERY:-100} EVAL_SAMPLE=${EVAL_SAMPLE:-200}
 DEVICE=${DEVICE:-cuda} JOBS=${JOBS:-1} OUTPUT=${OUTPUT:-runs/lifelong} LOGS=${LOGS:-$OUTPUT/logs}
 MODEL=${MODEL:-smollm2-135m}
-BATCHED=${BATCHED:-"ultraedit memit alphaedit encore"}  # one apply() per batch
-SINGLE=${SINGLE:-"wise r-rome"}                        # one edit at a time
+BATCHED=${BATCHED-"ultraedit memit alphaedit encore"}  # one apply() per batch (BATCHED= for none)
+SINGLE=${SINGLE-"wise r-rome"}                        # one edit at a time (SINGLE= for none)
 PYTHON=${PYTHON:-python}
 [ "$DEVICE" = cpu ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUTPUT" "$LOGS"
@@ -34,7 +34,8 @@ stream() {  # editor, batch size
   echo "$(date -u +%H:%M:%S) $1: exit $rc ($(tail -n 1 "$LOGS/$1.log"))"
 }
 
-for job in $(printf "%s:$BATCH " $BATCHED) $(printf "%s:1 " $SINGLE); do  # editor:batch size
+jobs_list=$(for editor in $BATCHED; do echo "$editor:$BATCH"; done; for editor in $SINGLE; do echo "$editor:1"; done)
+for job in $jobs_list; do  # editor:batch size
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   stream "${job%:*}" "${job##*:}" &
 done
