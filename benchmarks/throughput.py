@@ -17,6 +17,9 @@
    cases (pre-scores, edit, post-scores, held-out perplexity, restore; circuits off, as the CounterFact
    suite) on its share of the cases, started together after one warm-up case each; cases per second for
    every k and its ratio to k = 1. This is what `bench sweep --workers-per-gpu k` packs on a GPU.
+5. Operator calls (`--operator-calls`): one such whole case (the packing case) under a dispatch counter,
+   the aten operator calls and matmul FLOPs of each phase. Operator calls are device-independent, so a
+   CPU count says how many kernel launches a GPU case pays for, and the FLOPs what its arithmetic costs.
 
     python -m benchmarks.throughput --device cuda --packing 1,4,10 --packing-cases 4 --only-packing \
         --json benchmarks/results/packing-cuda.json
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench.run as run_module
@@ -91,6 +95,53 @@ def phase_timer(totals: dict[str, float]) -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(run_module, name, fn)
+
+
+class OperatorCounter(TorchDispatchMode):
+    """Counts aten operator calls, by the phase currently set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "other"
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls[self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_calls_of_a_case(bundle: Any, editor: Any, data: Any, case: Any, model: str,
+                             editor_name: str) -> dict[str, Any]:
+    """One whole case as a packed worker runs it (no circuits, 8 perplexity texts): operator calls and
+    matmul FLOPs per phase of bench.run.run_case."""
+    cfg = RunConfig(editor=editor_name, model=model, device=str(bundle.device), circuits=False, ppl_texts=8)
+    pool = run_module.CorruptionPool.from_cases(data.cases)
+    folder = Path(tempfile.mkdtemp(prefix="operators-"))
+    run_module.run_case(bundle, editor, case, pool, cfg, folder)  # warm-up: statistics and caches
+    counter, flops = OperatorCounter(), FlopCounterMode(display=False)
+    flops_by_phase: dict[str, int] = defaultdict(int)
+    originals = {name: getattr(run_module, name) for name in PHASES}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counter.phase, before = PHASES[name], flops.get_total_flops()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                flops_by_phase[PHASES[name]] += flops.get_total_flops() - before
+                counter.phase = "other"
+        return counted
+
+    for name, fn in originals.items():
+        setattr(run_module, name, wrap(name, fn))
+    try:
+        with flops, counter:
+            run_module.run_case(bundle, editor, case, pool, cfg, folder)
+    finally:
+        for name, fn in originals.items():
+            setattr(run_module, name, fn)
+    return {"operator_calls": dict(counter.calls), "operator_calls_total": sum(counter.calls.values()),
+            "flops": dict(flops_by_phase), "flops_total": flops.get_total_flops()}
 
 
 def scoring_full_against_target_positions(bundle: Any, cases: list) -> dict[str, Any]:
@@ -262,10 +313,18 @@ def main() -> None:
     parser.add_argument("--packing", default=None, help="part 4: worker counts on one device, e.g. 1,4,10")
     parser.add_argument("--packing-cases", type=int, default=4, help="whole cases per packed worker (default 4)")
     parser.add_argument("--only-packing", action="store_true", help="part 4 only")
-    parser.add_argument("--device", default="cpu", help="device of part 4 (default cpu)")
+    parser.add_argument("--operator-calls", action="store_true", help="part 5 only: operator calls of one case")
+    parser.add_argument("--device", default="cpu", help="device of parts 4 and 5 (default cpu)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ks = [int(k) for k in (args.packing or "1,4,10").split(",")]
+    if args.operator_calls:
+        bundle, editor, data, cases = setup(args.model, args.editor, 2, args.threads, args.device)
+        result = {"model": args.model, "editor": args.editor, "torch": torch.__version__, "device": args.device,
+                  "case": cases[1].case_id,
+                  **operator_calls_of_a_case(bundle, editor, data, cases[1], args.model, args.editor)}
+        write(result, args.json)
+        return
     if args.only_packing:
         result = {"model": args.model, "torch": torch.__version__,
                   "packing": packing(args.model, args.editor, ks, args.packing_cases, args.device)}
