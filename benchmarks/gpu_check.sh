@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_check.sh scale   # after setup: packing k = 1, 4, 10 on one GPU, KC's exact setting (ACDC)
 #   bash benchmarks/gpu_check.sh counterfact [SECONDS] [N]   # after setup: the CounterFact table at n = N (200)
 #   bash benchmarks/gpu_check.sh lifelong [SECONDS]          # after setup: the 1,000-edit streams (lifelong.sh)
-#   bash benchmarks/gpu_check.sh all [SECONDS] [N]   # after `TESTS_BACKGROUND=1 ... setup`, one call: the tests' log,
-#                                                    # packing, then counterfact and the batched streams side by side
+#   bash benchmarks/gpu_check.sh all [SECONDS] [PACKING_SECONDS] [N]   # after `TESTS_BACKGROUND=1 ... setup`: the
+#       tests' log, packing (PACKING=both|plain|mps|none), then counterfact and the batched streams (LIFELONG=0: none)
+#       side by side; calling it again, or carrying its tarballs to a new machine, resumes the runs
 # The last two resume what their time limit cut off when called again on the same warm machine, or on a new
 # one that carries their previous $OUT tarball as .gpu/<mode>-runs.tar.gz; they need the CounterFact file as
 # .gpu/counterfact/counterfact-val.json. Ray is not in the GPU image (and its wheel is over one call's 64 MiB),
@@ -83,13 +84,15 @@ case "$1" in
     mkdir -p /tmp/logs && prepare_runs counterfact
     for _ in $(seq 90); do [ -f /tmp/tests-done ] || [ ! -f /tmp/tests-cuda.log ] && break; sleep 2; done
     cp /tmp/tests-cuda.log "$OUT/" && tail -n 12 /tmp/tests-cuda.log  # packing is timed on an idle GPU
-    bash "$0" scale "${3:-150}" 0
-    command -v nvidia-cuda-mps-control > /dev/null && MPS=1 bash "$0" scale "${3:-150}" 0
+    case ${PACKING:-both} in  # PACKING=plain, mps or none to give the runs more of the call
+      both|plain) bash "$0" scale "${3:-150}" 0 ;;&
+      both|mps) command -v nvidia-cuda-mps-control > /dev/null && MPS=1 bash "$0" scale "${3:-150}" 0 ;;
+    esac
     left=$((end - SECONDS - 40))
     echo "counterfact and lifelong get ${left}s"
     bash "$0" counterfact "$left" "${4:-200}" > /tmp/logs/counterfact-mode.log 2>&1 &
-    BATCHED="memit alphaedit encore ultraedit" SINGLE= EVAL_EVERY=200 EVAL_SAMPLE=100 JOBS=4 \
-      bash "$0" lifelong "$left" > /tmp/logs/lifelong-mode.log 2>&1 &
+    [ "${LIFELONG:-1}" = 0 ] || BATCHED="memit alphaedit encore ultraedit" SINGLE= EVAL_EVERY=200 EVAL_SAMPLE=100 \
+      JOBS=4 bash "$0" lifelong "$left" > /tmp/logs/lifelong-mode.log 2>&1 &  # LIFELONG=0: CounterFact alone
     wait
     tail -n 20 /tmp/logs/counterfact-mode.log /tmp/logs/lifelong-mode.log
     tar czf "$OUT/logs.tar.gz" -C /tmp logs
