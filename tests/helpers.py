@@ -114,7 +114,7 @@ def assert_bridge_predicts(bundle, prompt: str, token_id: int) -> None:
 
     from lmview.tokens import prompt_ids
 
-    ids = torch.tensor([prompt_ids(bundle.tokenizer, prompt)])
+    ids = torch.tensor([prompt_ids(bundle.tokenizer, prompt)], device=bundle.device)
     with torch.no_grad():
         hf = bundle.model(input_ids=ids).logits[0, -1]
         bridged = bundle.bridge()(ids)[0, -1]

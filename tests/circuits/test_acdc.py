@@ -75,7 +75,7 @@ def naive_acdc(bundle, rows, threshold: float) -> set[str]:
     """Edges as names; every test is one patched forward of the kept names, match-nll computed here."""
     graph = graph_of(bundle.arch)
     batch = batches(rows, bundle.tokenizer, bundle.device, chunk=len(rows))[0]
-    zeros = torch.zeros(graph.n_upstream, *batch.clean_ids.shape, bundle.arch.d_model)
+    zeros = torch.zeros(graph.n_upstream, *batch.clean_ids.shape, bundle.arch.d_model, device=bundle.device)
     with torch.no_grad():
         clean = answer_logprobs(bundle.bridge().run_with_hooks(batch.clean_ids, attention_mask=batch.attention_mask), rows)
     present = {graph.edge_name(u, r) for u, r in graph.edge_mask.nonzero().tolist()}

@@ -59,13 +59,15 @@ def test_heads_and_sources_sum_to_the_attention_output(tiny_model, one_thread):
     GPT-2's output bias)."""
     ids = prompt_ids(tiny_model.tokenizer, PROMPT)
     readout = read_heads(tiny_model, ids)
-    _, cache = tiny_model.bridge().run_with_cache(torch.tensor([ids]), names_filter=lambda n: n.endswith("hook_attn_out"))
+    _, cache = tiny_model.bridge().run_with_cache(torch.tensor([ids], device=tiny_model.device),
+                                                names_filter=lambda n: n.endswith("hook_attn_out"))
     for layer in range(tiny_model.arch.n_layers):
         expected = cache[f"blocks.{layer}.hook_attn_out"][0, -1]
         if tiny_model.arch.family == "gpt2":
             expected = expected - tiny_model.model.transformer.h[layer].attn.c_proj.bias
         assert torch.allclose(readout.per_source[layer].sum((0, 1)), expected, atol=1e-5)
-        assert torch.allclose(readout.attention[layer].sum(-1), torch.ones(tiny_model.arch.n_heads), atol=1e-5)
+        ones = torch.ones(tiny_model.arch.n_heads, device=tiny_model.device)
+        assert torch.allclose(readout.attention[layer].sum(-1), ones, atol=1e-5)
 
 
 def test_classification_rules_by_hand():

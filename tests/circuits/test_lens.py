@@ -26,7 +26,7 @@ def hand_norm(model, family: str, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("layer", [1, 2])
 def test_one_layer_rank_and_prob_match_a_manual_residual_norm_unembed(tiny_model, one_thread, layer):
     model, tok, arch = tiny_model.model, tiny_model.tokenizer, tiny_model.arch
-    ids = torch.tensor([prompt_ids(tok, PROMPT)])
+    ids = torch.tensor([prompt_ids(tok, PROMPT)], device=tiny_model.device)
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0, -1]  # after block `layer`
         logits = hand_norm(model, arch.family, hidden) @ model.get_output_embeddings().weight.T
@@ -41,7 +41,7 @@ def test_one_layer_rank_and_prob_match_a_manual_residual_norm_unembed(tiny_model
 
 def test_last_layer_is_the_models_output_and_attention_is_the_eager_pattern(tiny_model, one_thread):
     model, tok, arch = tiny_model.model, tiny_model.tokenizer, tiny_model.arch
-    ids = torch.tensor([prompt_ids(tok, PROMPT)])
+    ids = torch.tensor([prompt_ids(tok, PROMPT)], device=tiny_model.device)
     old = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     try:

@@ -92,8 +92,9 @@ def test_zero_ablation_of_every_edge_feeds_the_logits_nothing(tiny_model):
                          CircuitSetting(ablation="zero"))
     with torch.no_grad():
         norm = bundle.arch.ln_final(bundle.model)
-        logits = bundle.model.get_output_embeddings()(norm(torch.zeros(1, bundle.arch.d_model)))[0].float()
-    expected = logits.log_softmax(-1)[[r.answer for r in rows]]
+        zero = torch.zeros(1, bundle.arch.d_model, device=bundle.device)
+        logits = bundle.model.get_output_embeddings()(norm(zero))[0].float()
+    expected = logits.log_softmax(-1)[[r.answer for r in rows]].cpu()  # pytest.approx reads it through numpy
     assert scoring.corrupted.value.cpu() == pytest.approx(expected, abs=1e-4)
 
 
@@ -105,7 +106,7 @@ def test_logit_diff_uses_the_corrupting_subjects_answer(tiny_model):
     expected = []
     for row in rows:
         with torch.no_grad():
-            logits = bundle.model(input_ids=torch.tensor([row.clean])).logits[0, -1]
+            logits = bundle.model(input_ids=torch.tensor([row.clean], device=bundle.device)).logits[0, -1]
         expected.append(float(logits[row.answer] - logits[row.corrupt_answer]))
     assert scoring.clean.value.cpu() == pytest.approx(torch.tensor(expected), abs=1e-4)
 
