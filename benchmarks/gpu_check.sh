@@ -36,9 +36,13 @@ need_wiki() {  # without it every locate-then-edit run fails and the rest lose t
   exit 2
 }
 
+join_gguf() {  # the offline model from its two carried halves, once
+  [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
+}
+
 prepare_runs() {  # mode: the model in place, the key statistics cached, earlier results unpacked
   mkdir -p "/tmp/logs/$1" /tmp/runs
-  [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
+  join_gguf
   [ -f ".gpu/$1-runs.tar.gz" ] && [ ! -d "/tmp/runs/$1" ] && tar xzf ".gpu/$1-runs.tar.gz" -C /tmp/runs
   [ -f /tmp/warm-done ] && return  # warmed by an earlier mode on this machine
   $PYTHON -m bench run --editor memit --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
@@ -109,7 +113,7 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
     ;;
   runs)
     start=$SECONDS budget=${2:-500}
-    cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
+    join_gguf
     mkdir -p /tmp/logs /tmp/runs
     for editor in memit rome; do  # converts the model and caches the key statistics before the parallel runs
       python3 -m bench run --editor $editor --n 1 --no-circuits --device cuda --output /tmp/warm > /tmp/logs/warm-$editor.log 2>&1
@@ -137,10 +141,12 @@ m.save_pretrained('/tmp/smol-shape'); AutoTokenizer.from_pretrained('.gpu/smolcf
   scale)
     # issue 14's packing ratios (whole cases, benchmarks/throughput.py part 4) and KC's exact setting on SmolLM2
     need_wiki && mkdir -p /tmp/logs
-    [ "$MODEL" != smollm2-135m ] || [ -s "$GGUF" ] || cat "$KEBENCH_CACHE/gguf.part0" .gpu/b/gguf.part1 > "$GGUF"
-    $PYTHON -m bench run --editor rome --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
-      > /tmp/logs/warm-rome.log 2>&1
-    tail -2 /tmp/logs/warm-rome.log  # the key statistics, cached before ten workers read them
+    join_gguf
+    if [ ! -f /tmp/warm-rome-done ]; then  # the key statistics, cached before ten workers read them
+      $PYTHON -m bench run --editor rome --model "$MODEL" --n 1 --no-circuits --device "$DEVICE" --output /tmp/warm \
+        > /tmp/logs/warm-rome.log 2>&1
+      tail -n 2 /tmp/logs/warm-rome.log && touch /tmp/warm-rome-done
+    fi
     suffix=
     if [ -n "${MPS:-}" ]; then  # MPS=1: the k processes share the GPU through CUDA's multi-process service
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log suffix=-mps

@@ -37,7 +37,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -75,18 +75,12 @@ def matmul_rate(threads: int, n: int = 1024, repeats: int = 40) -> dict[str, flo
 
 
 @contextmanager
-def phase_timer(totals: dict[str, float]) -> Iterator[None]:
-    """Adds the process CPU time of every call of the PHASES functions of bench.run to totals."""
+def around_phases(around: Callable[[str, Callable[[], Any]], Any]) -> Iterator[None]:
+    """Routes every call of the PHASES functions of bench.run through around(phase name, the call)."""
     originals = {name: getattr(run_module, name) for name in PHASES}
 
     def wrap(name: str, fn: Any) -> Any:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                totals[name] += time.process_time() - start
-        return timed
+        return lambda *args, **kwargs: around(name, lambda: fn(*args, **kwargs))
 
     for name, fn in originals.items():
         setattr(run_module, name, wrap(name, fn))
@@ -95,6 +89,25 @@ def phase_timer(totals: dict[str, float]) -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(run_module, name, fn)
+
+
+def phase_timer(totals: dict[str, float]) -> Any:
+    """Adds the process CPU time of every call of the PHASES functions of bench.run to totals."""
+    def timed(name: str, call: Callable[[], Any]) -> Any:
+        start = time.process_time()
+        try:
+            return call()
+        finally:
+            totals[name] += time.process_time() - start
+    return around_phases(timed)
+
+
+def whole_case_runner(bundle: Any, editor: Any, data: Any, model: str, editor_name: str) -> Callable[[Any], dict]:
+    """run(case): one whole case as a packed worker runs it (no circuits, 8 perplexity texts), its record."""
+    cfg = RunConfig(editor=editor_name, model=model, device=str(bundle.device), circuits=False, ppl_texts=8)
+    pool = run_module.CorruptionPool.from_cases(data.cases)
+    folder = Path(tempfile.mkdtemp(prefix="whole-case-"))
+    return lambda case: run_module.run_case(bundle, editor, case, pool, cfg, folder)
 
 
 class OperatorCounter(TorchDispatchMode):
@@ -114,32 +127,21 @@ def operator_calls_of_a_case(bundle: Any, editor: Any, data: Any, case: Any, mod
                              editor_name: str) -> dict[str, Any]:
     """One whole case as a packed worker runs it (no circuits, 8 perplexity texts): operator calls and
     matmul FLOPs per phase of bench.run.run_case."""
-    cfg = RunConfig(editor=editor_name, model=model, device=str(bundle.device), circuits=False, ppl_texts=8)
-    pool = run_module.CorruptionPool.from_cases(data.cases)
-    folder = Path(tempfile.mkdtemp(prefix="operators-"))
-    run_module.run_case(bundle, editor, case, pool, cfg, folder)  # warm-up: statistics and caches
+    run = whole_case_runner(bundle, editor, data, model, editor_name)
+    run(case)  # warm-up: statistics and caches
     counter, flops = OperatorCounter(), FlopCounterMode(display=False)
     flops_by_phase: dict[str, int] = defaultdict(int)
-    originals = {name: getattr(run_module, name) for name in PHASES}
 
-    def wrap(name: str, fn: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            counter.phase, before = PHASES[name], flops.get_total_flops()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                flops_by_phase[PHASES[name]] += flops.get_total_flops() - before
-                counter.phase = "other"
-        return counted
+    def counted(name: str, call: Callable[[], Any]) -> Any:
+        counter.phase, before = PHASES[name], flops.get_total_flops()
+        try:
+            return call()
+        finally:
+            flops_by_phase[PHASES[name]] += flops.get_total_flops() - before
+            counter.phase = "other"
 
-    for name, fn in originals.items():
-        setattr(run_module, name, wrap(name, fn))
-    try:
-        with flops, counter:
-            run_module.run_case(bundle, editor, case, pool, cfg, folder)
-    finally:
-        for name, fn in originals.items():
-            setattr(run_module, name, fn)
+    with around_phases(counted), flops, counter:
+        run(case)
     return {"operator_calls": dict(counter.calls), "operator_calls_total": sum(counter.calls.values()),
             "flops": dict(flops_by_phase), "flops_total": flops.get_total_flops()}
 
@@ -259,14 +261,11 @@ def cases_per_second(model: str, editor_name: str, n: int, processes: int, threa
 def _case_worker(model: str, editor_name: str, n: int, device: str, offset: int, share: int, start: Any,
                  out: Any) -> None:
     bundle, editor, data, cases = setup(model, editor_name, n + 1, 1, device)
-    cfg = RunConfig(editor=editor_name, model=model, device=device, circuits=False, ppl_texts=8)
-    pool = run_module.CorruptionPool.from_cases(data.cases)
-    folder = Path(tempfile.mkdtemp(prefix="packing-"))
-    mine = cases[offset: offset + share]
-    run_module.run_case(bundle, editor, cases[n], pool, cfg, folder)  # warm-up: statistics, kernels, caches
+    run = whole_case_runner(bundle, editor, data, model, editor_name)
+    run(cases[n])  # warm-up: statistics, kernels, caches
     start.wait()
     began = time.perf_counter()
-    records = [run_module.run_case(bundle, editor, case, pool, cfg, folder) for case in mine]
+    records = [run(case) for case in cases[offset: offset + share]]
     sync(bundle.device)
     out.put((time.perf_counter() - began, sum(r.get("status") == "ok" for r in records), len(records)))
 
